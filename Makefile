@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11+:
+#   make run    creates .venv, installs tokensvc, serves on 127.0.0.1:50051 (SQLite in ./data)
+#   make test   creates .venv, installs tokensvc with test tools, runs the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint protos check-protos clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tokensvc serve --data-dir ./data
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/tokensvc/v1/tokensvc.proto
+
+check-protos: protos
+	git diff --exit-code -- tokensvc/v1 || (echo "generated stubs are stale: run 'make protos' and commit" >&2; exit 1)
+	test -z "$$(git status --porcelain -- tokensvc/v1)" || (echo "untracked generated stubs: commit them" >&2; exit 1)
+
+clean:
+	rm -rf $(VENV) data
