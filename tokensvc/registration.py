@@ -1,0 +1,266 @@
+"""What an admin registers: the server's OAuth settings and its credential.
+
+Every field that arrives from a caller is validated here, before anything is
+stored; a rejection names the request field and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from urllib.parse import urlsplit
+
+from tokensvc.errors import HostNotResolved, InvalidArgument
+from tokensvc.token import Secret
+
+ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+MAX_URL = 2048
+MAX_CLIENT_ID = 512
+MAX_SECRET = 4096
+MAX_PRIVATE_KEY = 16384
+MAX_SCOPES = 64
+MAX_SCOPE = 256
+MAX_PARAMS = 32
+MAX_PARAM_KEY = 128
+MAX_PARAM_VALUE = 2048
+# RFC 6749 appendix A.4: scope-token = 1*( %x21 / %x23-5B / %x5D-7E )
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+PARAM_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
+# Parameters tokensvc sets itself; an extra param may not override them.
+RESERVED_PARAMS = frozenset(
+    {
+        "grant_type",
+        "scope",
+        "resource",
+        "audience",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+    }
+)
+# Cloud metadata services that are not link-local (AWS IPv6 IMDS).
+METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254")})
+
+
+class AuthMethod(StrEnum):
+    CLIENT_SECRET_BASIC = "client_secret_basic"
+    CLIENT_SECRET_POST = "client_secret_post"
+    PRIVATE_KEY_JWT = "private_key_jwt"
+
+
+class CredentialKind(StrEnum):
+    CLIENT_SECRET = "client_secret"
+    PRIVATE_KEY = "private_key"
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    kind: CredentialKind
+    value: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    """A server's registration, as given (``resource`` empty means ``mcp_url``)."""
+
+    id: str
+    mcp_url: str
+    token_endpoint: str
+    client_id: str
+    issuer: str = ""
+    auth_method: AuthMethod = AuthMethod.CLIENT_SECRET_BASIC
+    scopes: tuple[str, ...] = ()
+    resource: str = ""
+    audience: str = ""
+    extra_token_params: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def effective_resource(self) -> str:
+        return self.resource or self.mcp_url
+
+    @property
+    def params(self) -> dict[str, str]:
+        return dict(self.extra_token_params)
+
+
+def sorted_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(params.items()))
+
+
+def validate_server_id(value: str, field_name: str = "id") -> str:
+    if not ID_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            field_name,
+            f"{value[:80]!r} is not a valid server id: use 1 to 63 characters of a-z, 0-9, "
+            "'.', '_' and '-', starting with a letter or digit",
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class UrlPolicy:
+    """Where tokensvc may send requests: https anywhere public, http only on
+    loopback (or anywhere, with ``allow_insecure_http``); never link-local,
+    cloud metadata or unspecified addresses, whatever a name resolves to."""
+
+    allow_insecure_http: bool = False
+    resolve: bool = True
+
+    def check_syntax(self, field_name: str, url: str) -> str:
+        """Checks what can be checked without the network; returns the url."""
+        if not url:
+            raise InvalidArgument(field_name, "is required: an https:// URL")
+        if len(url) > MAX_URL:
+            raise InvalidArgument(field_name, f"is longer than {MAX_URL} characters")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidArgument(field_name, f"is not a valid URL ({exc})") from None
+        del port
+        if parts.scheme not in ("https", "http") or not parts.hostname:
+            raise InvalidArgument(field_name, "must be an absolute https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise InvalidArgument(field_name, "must not carry credentials (user:password@)")
+        if parts.fragment:
+            raise InvalidArgument(field_name, "must not have a #fragment")
+        host = parts.hostname
+        literal = _ip_literal(host)
+        if literal is not None:
+            self._check_address(field_name, literal)
+        if (
+            parts.scheme == "http"
+            and not self.allow_insecure_http
+            and not _is_loopback_host(host, literal)
+        ):
+            raise InvalidArgument(
+                field_name,
+                "must use https (plain http is accepted only for loopback hosts, "
+                "or with the allow-insecure-http setting)",
+            )
+        return url
+
+    async def check(self, field_name: str, url: str) -> str:
+        """Checks the URL and, unless resolution is off, every address its host
+        resolves to (so a public name cannot point at a metadata service)."""
+        self.check_syntax(field_name, url)
+        host = urlsplit(url).hostname or ""
+        if not self.resolve or _ip_literal(host) is not None:
+            return url
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout=5
+            )
+        except (OSError, TimeoutError):
+            raise HostNotResolved(
+                field_name, f"host {host!r} does not resolve: check the name"
+            ) from None
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            self._check_address(field_name, address, host)
+        return url
+
+    @staticmethod
+    def _check_address(
+        field_name: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str = ""
+    ) -> None:
+        mapped = getattr(address, "ipv4_mapped", None)
+        if mapped is not None:
+            address = mapped
+        via = f" ({host} resolves to {address})" if host else ""
+        if address.is_link_local or address in METADATA_ADDRESSES:
+            raise InvalidArgument(
+                field_name,
+                f"points at a link-local or cloud metadata address{via}, which is refused",
+            )
+        if address.is_unspecified or address.is_multicast:
+            raise InvalidArgument(
+                field_name, f"points at an unspecified or multicast address{via}, which is refused"
+            )
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return None
+
+
+def _is_loopback_host(
+    host: str, literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+) -> bool:
+    if literal is not None:
+        return literal.is_loopback
+    return host == "localhost" or host.endswith(".localhost")
+
+
+def _check_text(field_name: str, value: str, limit: int, what: str) -> None:
+    if len(value) > limit:
+        raise InvalidArgument(field_name, f"is longer than {limit} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidArgument(field_name, f"contains control characters; give a plain {what}")
+
+
+async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "server.") -> ServerSpec:
+    """Validates every field; raises InvalidArgument naming the first bad one."""
+    validate_server_id(spec.id, prefix + "id")
+    await policy.check(prefix + "mcp_url", spec.mcp_url)
+    await policy.check(prefix + "token_endpoint", spec.token_endpoint)
+    if spec.issuer:
+        policy.check_syntax(prefix + "issuer", spec.issuer)
+    if spec.resource:
+        policy.check_syntax(prefix + "resource", spec.resource)
+    if not spec.client_id:
+        raise InvalidArgument(prefix + "client_id", "is required: the OAuth client id")
+    _check_text(prefix + "client_id", spec.client_id, MAX_CLIENT_ID, "client id")
+    _check_text(prefix + "audience", spec.audience, MAX_URL, "audience")
+    if len(spec.scopes) > MAX_SCOPES:
+        raise InvalidArgument(prefix + "scopes", f"has more than {MAX_SCOPES} entries")
+    for i, scope in enumerate(spec.scopes):
+        if len(scope) > MAX_SCOPE or not SCOPE_TOKEN.fullmatch(scope):
+            raise InvalidArgument(
+                f"{prefix}scopes[{i}]",
+                f"must be 1 to {MAX_SCOPE} printable ASCII characters without space, "
+                "'\"' or '\\' (RFC 6749 scope-token); give one scope per entry",
+            )
+    if len(spec.extra_token_params) > MAX_PARAMS:
+        raise InvalidArgument(prefix + "extra_token_params", f"has more than {MAX_PARAMS} entries")
+    for key, value in spec.extra_token_params:
+        name = f"{prefix}extra_token_params[{key[:40]!r}]"
+        if len(key) > MAX_PARAM_KEY or not PARAM_KEY.fullmatch(key):
+            raise InvalidArgument(name, "keys are 1 to 128 characters of A-Z, a-z, 0-9, _ . : -")
+        if key in RESERVED_PARAMS:
+            raise InvalidArgument(
+                name, f"{key!r} is set by tokensvc; use the server field of that name instead"
+            )
+        _check_text(name, value, MAX_PARAM_VALUE, "value")
+    return spec
+
+
+def validate_credential(credential: Credential, auth_method: AuthMethod) -> Credential:
+    value = credential.value.reveal()
+    if credential.kind is CredentialKind.CLIENT_SECRET:
+        if not value:
+            raise InvalidArgument("client_secret", "is empty: give the client secret, or omit it")
+        if len(value) > MAX_SECRET:
+            raise InvalidArgument("client_secret", f"is longer than {MAX_SECRET} characters")
+        if auth_method is AuthMethod.PRIVATE_KEY_JWT:
+            raise InvalidArgument(
+                "client_secret",
+                "auth_method is private_key_jwt, which needs private_key_pem instead",
+            )
+        return credential
+    if len(value) > MAX_PRIVATE_KEY:
+        raise InvalidArgument("private_key_pem", f"is longer than {MAX_PRIVATE_KEY} characters")
+    raise InvalidArgument(
+        "private_key_pem",
+        "private_key_jwt is not supported by this version yet: use client_secret "
+        "with client_secret_basic or client_secret_post",
+    )

@@ -1,0 +1,88 @@
+"""The values that flow through tokensvc: secrets and tokens that redact themselves."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Returns the current time as an aware UTC datetime. Injected for tests."""
+
+    def __call__(self) -> datetime: ...
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Secret:
+    """A string that never shows itself in a repr, str, log line or traceback.
+
+    Call :meth:`reveal` at the one place that must send it over the wire.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def sha256_hex(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    """An access token with an absolute expiry, computed once when it arrived.
+
+    The wire's ``expires_in`` is relative to a moment we never learn exactly;
+    ``expires_at`` is fixed from our own clock at receipt, which errs on the
+    early side by the time the response took.
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    issued_at: datetime
+    expires_at: datetime
+    scopes: tuple[str, ...] = ()
+
+    @property
+    def lifetime(self) -> timedelta:
+        return self.expires_at - self.issued_at
+
+    @property
+    def sha256(self) -> str:
+        return sha256_hex(self.access_token)
+
+    def valid_for(self, duration: timedelta, now: datetime) -> bool:
+        """True if the token is still valid ``duration`` from ``now``."""
+        return self.expires_at - now >= duration
+
+
+@dataclass(frozen=True, slots=True)
+class ServerToken:
+    """A token as held for one server: which rotation it is, and under which
+    registration revision it was fetched (a token of an older revision is
+    never served)."""
+
+    server_id: str
+    token: Token
+    version: int
+    revision: int
