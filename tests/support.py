@@ -1,0 +1,204 @@
+"""Fixtures shared by the tests: databases (SQLite and a fresh PostgreSQL
+database per test), key rings, stores."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from tokensvc.crypto import KeyRing, generate_key_entry
+from tokensvc.demo.authserver import AuthServer
+from tokensvc.server import Service
+from tokensvc.settings import Settings
+from tokensvc.store import Store, create_engine, migrate
+from tokensvc.token import Clock, utcnow
+from tokensvc.v1 import tokensvc_pb2 as pb
+from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
+
+PG_DSN = os.environ.get("TOKENSVC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REQUIRE_PG = os.environ.get("TOKENSVC_TEST_REQUIRE_PG") == "1"
+
+
+async def _pg_admin() -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(PG_DSN, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        if REQUIRE_PG:
+            raise
+        pytest.skip(f"PostgreSQL not reachable at {PG_DSN} ({exc}); CI starts it")
+
+
+async def create_pg_database() -> str:
+    """Creates a fresh database; returns its SQLAlchemy URL."""
+    name = f"tokensvc_test_{secrets.token_hex(6)}"
+    admin = await _pg_admin()
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{name}"
+
+
+async def drop_pg_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    admin = await _pg_admin()
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: object) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path}/tokensvc.db"
+        return
+    url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(url)
+
+
+@pytest.fixture
+def key_entry() -> str:
+    return generate_key_entry()
+
+
+@pytest.fixture
+def keyring(key_entry: str) -> KeyRing:
+    return KeyRing.parse(key_entry)
+
+
+@pytest.fixture
+async def store(database_url: str, keyring: KeyRing) -> AsyncIterator[Store]:
+    engine = create_engine(database_url)
+    await migrate.upgrade(engine)
+    store = Store(engine, keyring)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+class FakeClock:
+    """An injected clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+# --- a real service on a real socket, with a real authorization server ----------
+
+SECRET = "cs-Sup3r:Secret+%é€-7f1a"  # : + % and non-ASCII, through client_secret_basic
+CLIENT_ID = "broker-client"
+
+
+@dataclass
+class Harness:
+    """One tokensvc on 127.0.0.1:<free port>, its stubs, and the authorization server."""
+
+    service: Service
+    auth: AuthServer
+    channel: grpc.aio.Channel
+    tokens: pb_grpc.TokenServiceStub
+    admin: pb_grpc.AdminServiceStub
+    data_dir: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+    async def register(
+        self, server_id: str = "alpha", secret: str | None = SECRET, **fields: Any
+    ) -> pb.Server:
+        server = pb.Server(
+            id=server_id,
+            mcp_url=fields.pop("mcp_url", f"http://127.0.0.1:9/{server_id}/mcp"),
+            token_endpoint=fields.pop("token_endpoint", self.auth.token_endpoint),
+            client_id=fields.pop("client_id", CLIENT_ID),
+            **fields,
+        )
+        request = pb.RegisterServerRequest(server=server)
+        if secret is not None:
+            request.client_secret = secret
+        return await self.admin.RegisterServer(request)
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo detail of a failed call."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            info = error_details_pb2.ErrorInfo()
+            assert status.details[0].Unpack(info)
+            return info
+    raise AssertionError(f"no ErrorInfo in {error!r}")
+
+
+@asynccontextmanager
+async def running_service(
+    data_dir: Path,
+    auth: AuthServer,
+    *,
+    database_url: str = "",
+    keys: str = "",
+    clock: Clock = utcnow,
+    **settings: Any,
+) -> AsyncIterator[Harness]:
+    service = Service(
+        Settings(
+            listen="127.0.0.1:0",
+            data_dir=data_dir,
+            database_url=database_url,
+            keys=keys,
+            grace_period=1.0,
+            **settings,
+        ).validate(),
+        clock=clock,
+    )
+    await service.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    try:
+        yield Harness(
+            service,
+            auth,
+            channel,
+            pb_grpc.TokenServiceStub(channel),
+            pb_grpc.AdminServiceStub(channel),
+            data_dir,
+        )
+    finally:
+        await channel.close()
+        await service.stop(grace=1.0)
+
+
+@pytest.fixture
+async def auth() -> AsyncIterator[AuthServer]:
+    async with AuthServer() as server:
+        server.add_client(CLIENT_ID, SECRET, scopes=("read", "write"))
+        yield server
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
+    async with running_service(tmp_path / "data", auth) as h:
+        yield h

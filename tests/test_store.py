@@ -1,0 +1,210 @@
+"""The repository on SQLite and on a fresh PostgreSQL database."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from tokensvc.crypto import KeyRing, generate_key_entry
+from tokensvc.errors import ConfigurationError, DecryptionError, RevisionMismatch, ServerNotFound
+from tokensvc.registration import Credential, CredentialKind, ServerSpec
+from tokensvc.store import Store
+from tokensvc.store.tables import audit_events, servers, tokens
+from tokensvc.token import Secret, Token, utcnow
+
+
+def spec(server_id: str = "alpha", **changes: object) -> ServerSpec:
+    base = ServerSpec(
+        id=server_id,
+        mcp_url="https://mcp.example.com/mcp",
+        token_endpoint="https://as.example.com/token",
+        client_id="client-1",
+        scopes=("read",),
+    )
+    return ServerSpec(**{**{f: getattr(base, f) for f in ServerSpec.__slots__}, **changes})
+
+
+def secret(value: str = "s3cret-value") -> Credential:
+    return Credential(CredentialKind.CLIENT_SECRET, Secret(value))
+
+
+def token(value: str = "access-token-1", seconds: int = 60) -> Token:
+    now = utcnow()
+    return Token(value, "Bearer", now, now + timedelta(seconds=seconds), ("read",))
+
+
+async def test_registering_the_same_server_twice_changes_nothing(store: Store) -> None:
+    first, changed = await store.register(spec(), secret(), actor="t")
+    again, changed_again = await store.register(spec(), secret(), actor="t")
+    unchanged, changed_none = await store.register(spec(), None, actor="t")
+    assert (changed, changed_again, changed_none) == (True, False, False)
+    assert first.revision == again.revision == unchanged.revision == 1
+    assert again.update_time == first.update_time
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"token_endpoint": "https://other.example.com/token"},
+        {"scopes": ("read", "write")},
+        {"resource": "https://mcp.example.com/"},
+        {"audience": "api://x"},
+        {"client_id": "client-2"},
+    ],
+)
+async def test_a_changed_registration_bumps_revision_and_drops_the_token(
+    store: Store, change: dict[str, object]
+) -> None:
+    record, _ = await store.register(spec(), secret())
+    assert await store.save_token("alpha", record.incarnation, 1, token()) is not None
+    updated, changed = await store.register(spec(**change), None)
+    assert changed and updated.revision == 2
+    assert (await store.load_for_fetch("alpha")).token is None
+
+
+async def test_a_new_secret_bumps_revision_and_is_used(store: Store) -> None:
+    await store.register(spec(), secret("old"))
+    record, changed = await store.register(spec(), secret("new"))
+    assert changed and record.revision == 2
+    assert (await store.load_for_fetch("alpha")).credential.value.reveal() == "new"
+
+
+async def test_expected_revision_guards_against_lost_updates(store: Store) -> None:
+    with pytest.raises(ServerNotFound):
+        await store.get_server("alpha")
+    await store.register(spec(), secret(), expected_revision=-1)
+    with pytest.raises(RevisionMismatch, match="is at revision 1"):
+        await store.register(spec(), secret(), expected_revision=-1)
+    with pytest.raises(RevisionMismatch) as caught:
+        await store.register(spec(audience="x"), None, expected_revision=7)
+    assert caught.value.metadata() == {"revision": "1"}
+    record, _ = await store.register(spec(audience="x"), None, expected_revision=1)
+    assert record.revision == 2 and record.spec.audience == "x"
+
+
+async def test_a_token_fetched_under_an_older_revision_is_not_saved(store: Store) -> None:
+    record, _ = await store.register(spec(), secret())
+    await store.register(spec(scopes=("write",)), None)
+    assert await store.save_token("alpha", record.incarnation, record.revision, token()) is None
+    assert (await store.load_for_fetch("alpha")).token is None
+
+
+async def test_a_token_of_a_deleted_and_recreated_server_is_not_saved(store: Store) -> None:
+    old, _ = await store.register(spec(), secret())
+    await store.delete("alpha")
+    new, _ = await store.register(spec(), secret())
+    assert new.revision == old.revision == 1
+    assert await store.save_token("alpha", old.incarnation, 1, token()) is None
+    saved = await store.save_token("alpha", new.incarnation, 1, token())
+    assert saved is not None and saved.version == 1
+
+
+async def test_each_saved_token_gets_the_next_version(store: Store) -> None:
+    record, _ = await store.register(spec(), secret())
+    versions = []
+    for i in range(3):
+        saved = await store.save_token("alpha", record.incarnation, 1, token(f"t{i}"))
+        assert saved is not None
+        versions.append(saved.version)
+    assert versions == [1, 2, 3]
+    loaded = (await store.load_for_fetch("alpha")).token
+    assert loaded is not None and loaded.token.access_token == "t2" and loaded.version == 3
+    assert (await store.get_server("alpha")).status.token_version == 3
+
+
+async def test_concurrent_saves_never_lose_a_version(store: Store) -> None:
+    record, _ = await store.register(spec(), secret())
+    results = await asyncio.gather(
+        *(store.save_token("alpha", record.incarnation, 1, token(f"t{i}")) for i in range(20))
+    )
+    assert sorted(r.version for r in results if r is not None) == list(range(1, 21))
+
+
+async def test_concurrent_registrations_never_lose_an_update(store: Store) -> None:
+    await store.register(spec(), secret())
+    results = await asyncio.gather(
+        *(store.register(spec(scopes=(f"s{i}",)), None) for i in range(20))
+    )
+    assert sorted(record.revision for record, _ in results) == list(range(2, 22))
+    assert (await store.get_server("alpha")).revision == 21
+
+
+async def test_concurrent_creations_make_one_server(store: Store) -> None:
+    results = await asyncio.gather(*(store.register(spec("new"), secret()) for _ in range(10)))
+    assert sum(changed for _, changed in results) == 1
+    assert {record.revision for record, _ in results} == {1}
+
+
+async def test_secrets_and_tokens_are_stored_only_as_ciphertext(store: Store) -> None:
+    record, _ = await store.register(spec(), secret("plain-secret-xyz"))
+    await store.save_token("alpha", record.incarnation, 1, token("plain-token-xyz"))
+    async with store.engine.connect() as conn:
+        rows = [
+            *(await conn.execute(select(servers))).all(),
+            *(await conn.execute(select(tokens))).all(),
+            *(await conn.execute(select(audit_events))).all(),
+        ]
+    dump = repr(rows).encode()
+    assert b"plain-secret-xyz" not in dump and b"plain-token-xyz" not in dump
+
+
+async def test_a_credential_moved_to_another_row_fails_to_decrypt(store: Store) -> None:
+    await store.register(spec("alpha"), secret("a-secret"))
+    await store.register(spec("beta"), secret("b-secret"))
+    async with store.engine.begin() as conn:
+        alpha_ct = (
+            await conn.execute(select(servers.c.credential_ct).where(servers.c.id == "alpha"))
+        ).scalar_one()
+        await conn.execute(
+            update(servers).where(servers.c.id == "beta").values(credential_ct=alpha_ct)
+        )
+    with pytest.raises(DecryptionError):
+        await store.load_for_fetch("beta")
+
+
+async def test_rotate_keys_re_encrypts_everything_under_the_newest_key(
+    store: Store, key_entry: str
+) -> None:
+    record, _ = await store.register(spec(), secret("keep-me"))
+    await store.save_token("alpha", record.incarnation, 1, token("tok"))
+    new_entry = generate_key_entry()
+    store.keyring = KeyRing.parse(f"{key_entry}\n{new_entry}")
+    assert await store.rotate_keys() == 2
+    assert await store.key_ids_in_use() == {store.keyring.primary_id}
+    store.keyring = KeyRing.parse(new_entry)  # the old key can now be dropped
+    context = await store.load_for_fetch("alpha")
+    assert context.credential.value.reveal() == "keep-me"
+    assert context.token is not None and context.token.token.access_token == "tok"
+    assert await store.rotate_keys() == 0
+
+
+async def test_ciphertext_under_an_unconfigured_key_stops_the_start(store: Store) -> None:
+    await store.register(spec(), secret())
+    store.keyring = KeyRing.parse(generate_key_entry())
+    with pytest.raises(ConfigurationError, match="not configured"):
+        await store.check_keys()
+
+
+async def test_every_admin_change_is_audited_without_secrets(store: Store) -> None:
+    await store.register(spec(), secret("audit-secret"), actor="peer:a")
+    await store.register(spec(scopes=("x",)), secret("audit-secret-2"), actor="peer:b")
+    await store.delete("alpha", actor="peer:c")
+    async with store.engine.connect() as conn:
+        rows = (await conn.execute(select(audit_events).order_by(audit_events.c.id))).all()
+    assert [(r.action, r.actor) for r in rows] == [
+        ("create", "peer:a"),
+        ("update", "peer:b"),
+        ("delete", "peer:c"),
+    ]
+    assert '"credential"' in rows[1].detail and '"scopes"' in rows[1].detail
+    assert "audit-secret" not in repr(rows)
+
+
+async def test_listing_is_in_id_order_from_a_cursor(store: Store) -> None:
+    for name in ("c", "a", "b", "d"):
+        await store.register(spec(name), secret())
+    assert [r.spec.id for r in await store.list_servers("", 2)] == ["a", "b"]
+    assert [r.spec.id for r in await store.list_servers("b", 10)] == ["c", "d"]

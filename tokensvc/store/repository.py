@@ -1,0 +1,473 @@
+"""The repository: servers, their tokens and the audit trail, on SQLite or PostgreSQL.
+
+Encryption happens here and only here: callers hand in and get back plain
+``Credential`` and ``Token`` values; the database sees AES-GCM envelopes whose
+associated data names the row and field.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tokensvc.crypto import KeyRing, associated_data, key_id_of
+from tokensvc.errors import (
+    ConfigurationError,
+    FetchError,
+    InvalidArgument,
+    RevisionMismatch,
+    ServerNotFound,
+    StoreUnavailable,
+)
+from tokensvc.registration import (
+    AuthMethod,
+    Credential,
+    CredentialKind,
+    ServerSpec,
+    sorted_params,
+)
+from tokensvc.store.tables import audit_events, servers, tokens
+from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class LastError:
+    reason: str
+    error: str
+    error_description: str
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatus:
+    token_version: int = 0
+    expires_at: datetime | None = None
+    last_fetch_time: datetime | None = None
+    next_refresh_time: datetime | None = None
+    last_error: LastError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRecord:
+    spec: ServerSpec
+    incarnation: str
+    revision: int
+    credential_kind: CredentialKind | None
+    create_time: datetime
+    update_time: datetime
+    status: ServerStatus
+
+
+@dataclass(frozen=True, slots=True)
+class FetchContext:
+    """What a token request needs: the registration, its credential, and the
+    stored token if it was fetched under the current revision."""
+
+    record: ServerRecord
+    credential: Credential
+    token: ServerToken | None
+
+
+def _spec_of(row: Row[Any]) -> ServerSpec:
+    return ServerSpec(
+        id=row.id,
+        mcp_url=row.mcp_url,
+        token_endpoint=row.token_endpoint,
+        issuer=row.issuer,
+        client_id=row.client_id,
+        auth_method=AuthMethod(row.auth_method),
+        scopes=tuple(json.loads(row.scopes)),
+        resource=row.resource,
+        audience=row.audience,
+        extra_token_params=sorted_params(json.loads(row.extra_token_params)),
+    )
+
+
+def _spec_columns(spec: ServerSpec) -> dict[str, Any]:
+    return {
+        "mcp_url": spec.mcp_url,
+        "token_endpoint": spec.token_endpoint,
+        "issuer": spec.issuer,
+        "client_id": spec.client_id,
+        "auth_method": spec.auth_method.value,
+        "scopes": json.dumps(list(spec.scopes)),
+        "resource": spec.resource,
+        "audience": spec.audience,
+        "extra_token_params": json.dumps(dict(spec.extra_token_params)),
+    }
+
+
+def _changed_fields(old: ServerSpec, new: ServerSpec) -> list[str]:
+    return [name for name in ServerSpec.__slots__ if getattr(old, name) != getattr(new, name)]
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, keyring: KeyRing, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self.keyring = keyring
+        self.clock = clock
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; database faults become StoreUnavailable."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError, OSError, ConnectionError) as exc:
+            raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StoreUnavailable("the database connection was lost") from None
+            raise
+
+    # encryption boundary -------------------------------------------------
+
+    def _seal_credential(self, server_id: str, credential: Credential) -> bytes:
+        aad = associated_data("servers", server_id, "credential:" + credential.kind.value)
+        return self.keyring.encrypt(credential.value.reveal().encode(), aad)
+
+    def _open_credential(self, server_id: str, kind: str, envelope: bytes) -> Credential:
+        aad = associated_data("servers", server_id, "credential:" + kind)
+        plain = self.keyring.decrypt(envelope, aad).decode()
+        return Credential(CredentialKind(kind), Secret(plain))
+
+    def _seal_token(self, server_id: str, access_token: str) -> bytes:
+        aad = associated_data("tokens", server_id, "access_token")
+        return self.keyring.encrypt(access_token.encode(), aad)
+
+    def _open_token(self, row: Row[Any]) -> ServerToken:
+        aad = associated_data("tokens", row.server_id, "access_token")
+        token = Token(
+            access_token=self.keyring.decrypt(row.access_token_ct, aad).decode(),
+            token_type=row.token_type,
+            issued_at=row.issued_at,
+            expires_at=row.expires_at,
+            scopes=tuple(json.loads(row.scopes)),
+        )
+        return ServerToken(row.server_id, token, row.version, row.revision)
+
+    # reads ---------------------------------------------------------------
+
+    def _record(self, row: Row[Any], expires_at: datetime | None) -> ServerRecord:
+        last_error = None
+        if row.last_error_reason:
+            last_error = LastError(
+                row.last_error_reason,
+                row.last_error_code or "",
+                row.last_error_description or "",
+                row.last_error_time,
+            )
+        return ServerRecord(
+            spec=_spec_of(row),
+            incarnation=row.incarnation,
+            revision=row.revision,
+            credential_kind=CredentialKind(row.credential_kind) if row.credential_kind else None,
+            create_time=row.create_time,
+            update_time=row.update_time,
+            status=ServerStatus(
+                token_version=row.token_version,
+                expires_at=expires_at,
+                last_fetch_time=row.last_fetch_time,
+                next_refresh_time=row.next_refresh_time,
+                last_error=last_error,
+            ),
+        )
+
+    def _select_servers(self) -> Any:
+        return select(servers, tokens.c.expires_at.label("token_expires_at")).outerjoin(
+            tokens, (tokens.c.server_id == servers.c.id) & (tokens.c.revision == servers.c.revision)
+        )
+
+    async def get_server(self, server_id: str) -> ServerRecord:
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(self._select_servers().where(servers.c.id == server_id))
+            ).one_or_none()
+        if row is None:
+            raise ServerNotFound(server_id)
+        return self._record(row, row.token_expires_at)
+
+    async def list_servers(self, after: str = "", limit: int = 50) -> list[ServerRecord]:
+        query = self._select_servers().order_by(servers.c.id).limit(limit)
+        if after:
+            query = query.where(servers.c.id > after)
+        async with self._tx() as conn:
+            rows = (await conn.execute(query)).all()
+        return [self._record(row, row.token_expires_at) for row in rows]
+
+    async def load_for_fetch(self, server_id: str) -> FetchContext:
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(self._select_servers().where(servers.c.id == server_id))
+            ).one_or_none()
+            if row is None:
+                raise ServerNotFound(server_id)
+            token_row = (
+                await conn.execute(
+                    select(tokens).where(
+                        tokens.c.server_id == server_id, tokens.c.revision == row.revision
+                    )
+                )
+            ).one_or_none()
+        record = self._record(row, row.token_expires_at)
+        if row.credential_ct is None or row.credential_kind is None:
+            raise ConfigurationError(f"server {server_id!r} has no credential")
+        credential = self._open_credential(server_id, row.credential_kind, row.credential_ct)
+        token = self._open_token(token_row) if token_row is not None else None
+        return FetchContext(record, credential, token)
+
+    # writes --------------------------------------------------------------
+
+    async def _audit(
+        self, conn: AsyncConnection, actor: str, action: str, server_id: str | None, **detail: Any
+    ) -> None:
+        await conn.execute(
+            insert(audit_events).values(
+                time=self.clock(),
+                actor=actor,
+                action=action,
+                server_id=server_id,
+                detail=json.dumps(detail, sort_keys=True),
+            )
+        )
+
+    async def register(
+        self,
+        spec: ServerSpec,
+        credential: Credential | None,
+        expected_revision: int = 0,
+        actor: str = "",
+    ) -> tuple[ServerRecord, bool]:
+        """Creates or replaces the server. Returns the record and whether its
+        revision changed (then its cached token is dropped)."""
+        try:
+            return await self._register(spec, credential, expected_revision, actor)
+        except IntegrityError:
+            # Two creations raced and the other won: now this one is an update.
+            return await self._register(spec, credential, expected_revision, actor)
+
+    async def _register(
+        self,
+        spec: ServerSpec,
+        credential: Credential | None,
+        expected_revision: int,
+        actor: str,
+    ) -> tuple[ServerRecord, bool]:
+        now = self.clock()
+        async with self._tx() as conn:
+            # FOR UPDATE: on PostgreSQL (read committed) two concurrent updates
+            # would otherwise both build on the same revision. SQLite holds the
+            # write lock from BEGIN IMMEDIATE already.
+            row = (
+                await conn.execute(select(servers).where(servers.c.id == spec.id).with_for_update())
+            ).one_or_none()
+            actual = row.revision if row is not None else 0
+            if (expected_revision == -1 and row is not None) or (
+                expected_revision > 0 and expected_revision != actual
+            ):
+                raise RevisionMismatch(spec.id, expected_revision, actual)
+            if row is None:
+                if credential is None:
+                    raise InvalidArgument(
+                        "client_secret",
+                        "is required to create a server: give client_secret "
+                        "(it is never shown again)",
+                    )
+                await conn.execute(
+                    insert(servers).values(
+                        id=spec.id,
+                        incarnation=secrets.token_hex(16),
+                        revision=1,
+                        credential_kind=credential.kind.value,
+                        credential_ct=self._seal_credential(spec.id, credential),
+                        token_version=0,
+                        create_time=now,
+                        update_time=now,
+                        **_spec_columns(spec),
+                    )
+                )
+                await self._audit(conn, actor, "create", spec.id, revision=1)
+                changed = True
+            else:
+                fields = _changed_fields(_spec_of(row), spec)
+                credential_changed = credential is not None and not self._same_credential(
+                    row, credential
+                )
+                changed = bool(fields) or credential_changed
+                if changed:
+                    values: dict[str, Any] = {
+                        "revision": row.revision + 1,
+                        "update_time": now,
+                        "last_error_reason": None,
+                        "last_error_code": None,
+                        "last_error_description": None,
+                        "last_error_time": None,
+                        "next_refresh_time": None,
+                        **_spec_columns(spec),
+                    }
+                    if credential_changed and credential is not None:
+                        values["credential_kind"] = credential.kind.value
+                        values["credential_ct"] = self._seal_credential(spec.id, credential)
+                        fields.append("credential")
+                    await conn.execute(
+                        update(servers).where(servers.c.id == spec.id).values(**values)
+                    )
+                    await conn.execute(delete(tokens).where(tokens.c.server_id == spec.id))
+                    await self._audit(
+                        conn, actor, "update", spec.id, revision=row.revision + 1, changed=fields
+                    )
+            row = (await conn.execute(self._select_servers().where(servers.c.id == spec.id))).one()
+        return self._record(row, row.token_expires_at), changed
+
+    def _same_credential(self, row: Row[Any], credential: Credential) -> bool:
+        if row.credential_ct is None or row.credential_kind != credential.kind.value:
+            return False
+        stored = self._open_credential(row.id, row.credential_kind, row.credential_ct)
+        return hmac.compare_digest(
+            stored.value.reveal().encode(), credential.value.reveal().encode()
+        )
+
+    async def delete(self, server_id: str, actor: str = "") -> None:
+        async with self._tx() as conn:
+            await conn.execute(delete(tokens).where(tokens.c.server_id == server_id))
+            result = await conn.execute(delete(servers).where(servers.c.id == server_id))
+            if result.rowcount == 0:
+                raise ServerNotFound(server_id)
+            await self._audit(conn, actor, "delete", server_id)
+
+    async def save_token(
+        self, server_id: str, incarnation: str, revision: int, token: Token
+    ) -> ServerToken | None:
+        """Stores a fetched token as the server's next version, only if the
+        server is still the incarnation and revision it was fetched under;
+        otherwise returns None and the token must be thrown away."""
+        async with self._tx() as conn:
+            version = (
+                await conn.execute(
+                    update(servers)
+                    .where(
+                        servers.c.id == server_id,
+                        servers.c.incarnation == incarnation,
+                        servers.c.revision == revision,
+                    )
+                    .values(
+                        token_version=servers.c.token_version + 1,
+                        last_fetch_time=token.issued_at,
+                        last_error_reason=None,
+                        last_error_code=None,
+                        last_error_description=None,
+                        last_error_time=None,
+                    )
+                    .returning(servers.c.token_version)
+                )
+            ).scalar_one_or_none()
+            if version is None:
+                return None
+            await conn.execute(delete(tokens).where(tokens.c.server_id == server_id))
+            await conn.execute(
+                insert(tokens).values(
+                    server_id=server_id,
+                    version=version,
+                    revision=revision,
+                    access_token_ct=self._seal_token(server_id, token.access_token),
+                    token_type=token.token_type,
+                    scopes=json.dumps(list(token.scopes)),
+                    issued_at=token.issued_at,
+                    expires_at=token.expires_at,
+                )
+            )
+        return ServerToken(server_id, token, version, revision)
+
+    async def record_failure(
+        self, server_id: str, incarnation: str, revision: int, error: FetchError
+    ) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                update(servers)
+                .where(
+                    servers.c.id == server_id,
+                    servers.c.incarnation == incarnation,
+                    servers.c.revision == revision,
+                )
+                .values(
+                    last_error_reason=error.reason,
+                    last_error_code=error.oauth.error or None,
+                    last_error_description=error.oauth.error_description or error.message,
+                    last_error_time=self.clock(),
+                )
+            )
+
+    # keys ------------------------------------------------------------------
+
+    async def key_ids_in_use(self) -> set[str]:
+        async with self._tx() as conn:
+            blobs: Sequence[bytes | None] = [
+                *(await conn.execute(select(servers.c.credential_ct))).scalars(),
+                *(await conn.execute(select(tokens.c.access_token_ct))).scalars(),
+            ]
+        return {key_id_of(blob) for blob in blobs if blob is not None}
+
+    async def check_keys(self) -> None:
+        """Refuses to run on ciphertext under a key id that is not configured."""
+        missing = await self.key_ids_in_use() - self.keyring.key_ids
+        if missing:
+            raise ConfigurationError(
+                f"the database holds data encrypted under key id(s) {sorted(missing)} "
+                "that are not configured: add those keys (TOKENSVC_KEYS or the key file); "
+                "nothing was changed"
+            )
+
+    async def rotate_keys(self, progress: Callable[[str], None] | None = None) -> int:
+        """Re-encrypts every row not under the newest key, one row per short
+        transaction with compare-and-swap, so a running service is not held up
+        and a concurrent write is never overwritten. Returns rows rewritten."""
+        primary = self.keyring.primary_id
+        rewritten = 0
+        async with self._tx() as conn:
+            server_rows = (
+                await conn.execute(
+                    select(servers.c.id, servers.c.credential_kind, servers.c.credential_ct)
+                )
+            ).all()
+            token_rows = (
+                await conn.execute(select(tokens.c.server_id, tokens.c.access_token_ct))
+            ).all()
+        for sid, kind, blob in server_rows:
+            if blob is None or key_id_of(blob) == primary:
+                continue
+            fresh = self._seal_credential(sid, self._open_credential(sid, kind, blob))
+            async with self._tx() as conn:
+                result = await conn.execute(
+                    update(servers)
+                    .where(servers.c.id == sid, servers.c.credential_ct == blob)
+                    .values(credential_ct=fresh)
+                )
+            rewritten += result.rowcount
+            if progress:
+                progress(sid)
+        for sid, blob in token_rows:
+            if key_id_of(blob) == primary:
+                continue
+            plain = self.keyring.decrypt(blob, associated_data("tokens", sid, "access_token"))
+            async with self._tx() as conn:
+                result = await conn.execute(
+                    update(tokens)
+                    .where(tokens.c.server_id == sid, tokens.c.access_token_ct == blob)
+                    .values(access_token_ct=self._seal_token(sid, plain.decode()))
+                )
+            rewritten += result.rowcount
+        return rewritten

@@ -1,0 +1,100 @@
+"""The schema. Changed only together with a new Alembic migration in migrations/versions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, on SQLite (which keeps no zone) too."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+servers = Table(
+    "servers",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    # Random per creation: a server deleted and registered again is another server.
+    Column("incarnation", String(32), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("mcp_url", Text, nullable=False),
+    Column("token_endpoint", Text, nullable=False),
+    Column("issuer", Text, nullable=False),
+    Column("client_id", Text, nullable=False),
+    Column("auth_method", String(32), nullable=False),
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("resource", Text, nullable=False),
+    Column("audience", Text, nullable=False),
+    Column("extra_token_params", Text, nullable=False),  # JSON object
+    Column("credential_kind", String(16)),
+    Column("credential_ct", LargeBinary),  # AES-GCM envelope
+    Column("token_version", BigInteger, nullable=False),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("update_time", UTCDateTime, nullable=False),
+    Column("last_fetch_time", UTCDateTime),
+    Column("next_refresh_time", UTCDateTime),
+    Column("last_error_reason", String(64)),
+    Column("last_error_code", String(64)),
+    Column("last_error_description", Text),
+    Column("last_error_time", UTCDateTime),
+)
+
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("server_id", String(63), ForeignKey("servers.id", ondelete="CASCADE"), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("access_token_ct", LargeBinary, nullable=False),  # AES-GCM envelope
+    Column("token_type", String(64), nullable=False),
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("time", UTCDateTime, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("server_id", String(63)),
+    Column("detail", Text, nullable=False),  # JSON; never a secret or token
+    Index("ix_audit_events_server_time", "server_id", "time"),
+)
