@@ -1,0 +1,359 @@
+"""One token request: client credentials in, a :class:`Token` or a :class:`FetchError` out.
+
+This is the only module that imports authlib's client and httpx2. authlib does
+the wire (form body, client authentication); everything it would decide on
+its own is taken back here, because its choices are wrong for us:
+
+- It never refreshes on its own: ``fetch_token`` is called explicitly, under
+  the manager's policy (its auto-refresh drops ``resource``/``audience``).
+- Its ``client_secret_basic`` skips RFC 6749 section 2.3.1's form-urlencoding of
+  id and secret, so each request carries our own encoder.
+- Its response parsing treats a missing or zero ``expires_in`` as "forever" and
+  chokes on ``"3599.5"``, so the response is handed back unparsed and read here.
+
+Foreign exceptions are turned into ours at this one boundary, and every error
+is raised outside the ``except`` block that caught the cause: an httpx2 error
+carries the request (with its Authorization header) and a JSONDecodeError the
+whole body, so neither may ride along as ``__context__`` into a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, NoReturn
+from urllib.parse import quote_plus, urlencode
+
+import httpx2
+from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
+
+from tokensvc.errors import (
+    AuthorizationServerUnavailable,
+    CredentialsRejected,
+    FetchError,
+    HostNotResolved,
+    InvalidArgument,
+    InvalidTokenResponse,
+    OAuthErrorFields,
+    TokenRequestRejected,
+)
+from tokensvc.registration import AuthMethod, Credential, CredentialKind, ServerSpec, UrlPolicy
+from tokensvc.token import Clock, Token, utcnow
+
+# A server may claim any lifetime; beyond this we refresh anyway (and a huge
+# value would overflow datetime arithmetic).
+MAX_LIFETIME = timedelta(days=366)
+MAX_ERROR = 64
+MAX_ERROR_DESCRIPTION = 256
+CREDENTIAL_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
+# Error codes that say "later", whatever the status code they come with.
+TRANSIENT_ERRORS = frozenset({"server_error", "temporarily_unavailable", "slow_down"})
+# RFC 6749 appendix A.12: access-token = 1*VSCHAR. Anything else would end up
+# in a broker's Authorization header (think CR LF).
+ACCESS_TOKEN = re.compile(r"[\x20-\x7e]+")
+TOKEN_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class TokenFetcher:
+    """Obtains access tokens with the client_credentials grant (RFC 6749 section 4.4).
+
+    One shared connection pool serves every server: the client id and secret
+    travel in a per-call auth object, never in client state, so concurrent
+    fetches for different servers cannot mix credentials. Cookies are never
+    stored, for the same reason.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 10.0,
+        max_response_bytes: int = 65536,
+        default_lifetime: timedelta = timedelta(seconds=300),
+        url_policy: UrlPolicy = UrlPolicy(),  # noqa: B008 (frozen, so sharing is safe)
+        clock: Clock = utcnow,
+        transport: httpx2.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._timeout = timeout
+        self._default_lifetime = default_lifetime
+        self._url_policy = url_policy
+        self._clock = clock
+        self._client = _Client(
+            transport=_SizeLimited(transport or httpx2.AsyncHTTPTransport(), max_response_bytes),
+            timeout=httpx2.Timeout(timeout),
+            follow_redirects=False,
+            # Environment proxies and .netrc would send requests around the URL policy.
+            trust_env=False,
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            # A compressed body would escape the size cap once decoded.
+            headers={"Accept-Encoding": "identity"},
+        )
+
+    async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
+        """One token request for ``spec``; raises only :class:`FetchError` subclasses."""
+        if spec.auth_method is AuthMethod.PRIVATE_KEY_JWT or (
+            credential.kind is not CredentialKind.CLIENT_SECRET
+        ):
+            raise TokenRequestRejected("private_key_jwt client authentication is not supported yet")
+        secret = credential.value.reveal()
+        result = await self._send(spec, secret)
+        if isinstance(result, FetchError):
+            raise result  # here, outside any except block: no __context__ to leak
+        return _read_response(result, spec, secret, self._clock(), self._default_lifetime)
+
+    async def _send(self, spec: ServerSpec, secret: str) -> httpx2.Response | FetchError:
+        """The POST, with every failure returned (not raised) as one of our errors."""
+        method: object = _encode_client_secret_basic
+        if spec.auth_method is AuthMethod.CLIENT_SECRET_POST:
+            method = "client_secret_post"  # authlib's own form-encodes correctly
+        try:
+            async with asyncio.timeout(self._timeout):
+                try:
+                    await self._url_policy.check("server.token_endpoint", spec.token_endpoint)
+                except HostNotResolved:
+                    return _unreachable("its host name does not resolve")
+                except InvalidArgument as exc:
+                    return TokenRequestRejected(f"token request not sent: {exc.message}")
+                response: httpx2.Response = await self._client.fetch_token(
+                    spec.token_endpoint,
+                    grant_type="client_credentials",
+                    auth=OAuth2ClientAuth(spec.client_id, secret, auth_method=method),
+                    # Extra params go in the body, never as keyword arguments,
+                    # which authlib would take for its own (verify=, proxy=...).
+                    body=urlencode(spec.extra_token_params),
+                    scope=" ".join(spec.scopes),
+                    resource=spec.effective_resource,
+                    audience=spec.audience,
+                )
+                return response
+        except TimeoutError:
+            return _unreachable(f"no answer within {self._timeout:g} s")
+        except _ResponseRefused as exc:
+            return InvalidTokenResponse(exc.reason, OAuthErrorFields(status_code=exc.status))
+        except httpx2.HTTPError as exc:
+            return _unreachable(_words(type(exc).__name__))
+        except Exception as exc:  # authlib and h11 have more; none may escape raw.
+            return _unreachable(f"unexpected {type(exc).__name__}")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
+    def parse_response_token(self, resp: httpx2.Response) -> httpx2.Response:
+        # Hand the response back untouched; _read_response parses it. (authlib
+        # would also store it in self.token, shared state we do not want.)
+        return resp
+
+
+def _encode_client_secret_basic(
+    client: Any, method: str, uri: str, headers: Any, body: Any
+) -> tuple[str, Any, Any]:
+    """RFC 6749 section 2.3.1: form-urlencode id and secret, then base64."""
+    pair = f"{quote_plus(client.client_id)}:{quote_plus(client.client_secret)}"
+    headers["Authorization"] = "Basic " + base64.b64encode(pair.encode("ascii")).decode("ascii")
+    return uri, headers, body
+
+
+class _ResponseRefused(Exception):
+    """Raised inside the transport; becomes InvalidTokenResponse in fetch."""
+
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class _SizeLimited(httpx2.AsyncBaseTransport):
+    """Stops reading a response body once it passes ``limit`` bytes."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport, limit: int) -> None:
+        self._inner = inner
+        self._limit = limit
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self._inner.handle_async_request(request)
+        status = response.status_code
+        length = response.headers.get("Content-Length", "")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        problem = ""
+        if encoding not in ("", "identity"):
+            problem = f"response is {encoding[:20]}-encoded although identity was asked for"
+        elif re.fullmatch(r"[0-9]{1,20}", length) and int(length) > self._limit:
+            problem = f"response larger than {self._limit} bytes"
+        if problem or not isinstance(response.stream, httpx2.AsyncByteStream):
+            await response.aclose()
+            raise _ResponseRefused(problem or "response is not an async stream", status)
+        return httpx2.Response(
+            status,
+            headers=response.headers,
+            stream=_LimitedStream(response.stream, self._limit, status),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class _LimitedStream(httpx2.AsyncByteStream):
+    def __init__(self, inner: httpx2.AsyncByteStream, limit: int, status: int) -> None:
+        self._inner, self._limit, self._status = inner, limit, status
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        received = 0
+        async for chunk in self._inner:
+            received += len(chunk)
+            if received > self._limit:
+                raise _ResponseRefused(f"response larger than {self._limit} bytes", self._status)
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+def _read_response(
+    response: httpx2.Response,
+    spec: ServerSpec,
+    secret: str,
+    received: datetime,
+    default_lifetime: timedelta,
+) -> Token:
+    """Turns what real authorization servers send into a Token or one of our errors."""
+    status = response.status_code
+    body = _json_object(response.content)
+    error = (body or {}).get("error")
+    fields = OAuthErrorFields(
+        error=_clean(error, MAX_ERROR, secret),
+        error_description=_clean(
+            (body or {}).get("error_description"), MAX_ERROR_DESCRIPTION, secret
+        ),
+        status_code=status,
+    )
+    said = f"HTTP {status}" + (f", {fields.error}" if fields.error else "")
+    said += f": {fields.error_description}" if fields.error_description else ""
+    if status == 429 or status >= 500 or fields.error in TRANSIENT_ERRORS:
+        retry_after = _retry_after(response.headers.get("Retry-After"), received)
+        hint = f"; retry after {retry_after:g} s" if retry_after is not None else ""
+        raise AuthorizationServerUnavailable(
+            f"token endpoint is unavailable ({said}){hint}", fields, retry_after
+        )
+    if status == 401 or fields.error in CREDENTIAL_ERRORS:
+        raise CredentialsRejected(f"token endpoint refused the client credentials ({said})", fields)
+    if 300 <= status < 400:
+        raise TokenRequestRejected(
+            f"token endpoint answered with a redirect ({said}): register its final URL", fields
+        )
+    if error or status >= 400:
+        raise TokenRequestRejected(f"token endpoint refused the token request ({said})", fields)
+    if body is None:
+        raise InvalidTokenResponse(f"token endpoint answered {said} without a JSON object", fields)
+    access_token = body.get("access_token")
+    if not isinstance(access_token, str) or not ACCESS_TOKEN.fullmatch(access_token):
+        raise InvalidTokenResponse(
+            f"token endpoint answered {said} without a usable access_token", fields
+        )
+    token_type = body.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or not TOKEN_TYPE.fullmatch(token_type):
+        raise InvalidTokenResponse(f"token endpoint answered {said} with a bad token_type", fields)
+    if token_type.lower() == "bearer":
+        token_type = "Bearer"  # RFC 6749 section 5.1: case-insensitive
+    scope = body.get("scope")
+    return Token(
+        access_token=access_token,
+        token_type=token_type,
+        issued_at=received,
+        expires_at=_expiry(body.get("expires_in"), access_token, received, default_lifetime),
+        scopes=tuple(scope.split()) if isinstance(scope, str) and scope.strip() else spec.scopes,
+    )
+
+
+def _expiry(expires_in: object, access_token: str, now: datetime, default: timedelta) -> datetime:
+    """``expires_in`` if usable, else a JWT's ``exp`` if in the future, else ``default``."""
+    seconds = _positive_seconds(expires_in)
+    if seconds is not None:  # clamped before timedelta(), which overflows near 1e14 s
+        return now + timedelta(seconds=min(seconds, MAX_LIFETIME.total_seconds()))
+    exp = _jwt_exp(access_token)
+    if exp is not None and exp > now:
+        return min(exp, now + MAX_LIFETIME)
+    return now + default
+
+
+def _positive_seconds(value: object) -> float | None:
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            return None
+        seconds = float(value)  # "3599.5" too; float() strips whitespace itself
+    except (ValueError, OverflowError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _jwt_exp(access_token: str) -> datetime | None:
+    """The ``exp`` claim of a JWT, unverified: we are not its audience, only its courier."""
+    parts = access_token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = _json_object(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        exp = (claims or {}).get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            return None
+        return datetime.fromtimestamp(exp, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _json_object(content: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None. Never raises: JSONDecodeError keeps the body."""
+    try:
+        value = json.loads(content, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(name)  # NaN and Infinity are not JSON
+
+
+def _retry_after(value: str | None, now: datetime) -> float | None:
+    """Retry-After as seconds from now: delay-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _clean(value: object, limit: int, secret: str) -> str:
+    """Server text made safe for messages and metadata: no controls, no secret, bounded."""
+    if not isinstance(value, str):
+        return ""
+    text = CONTROL.sub("", value)
+    for form in {secret, quote_plus(secret)} - {""}:
+        text = text.replace(form, "***")
+    return text[:limit]
+
+
+def _unreachable(why: str) -> AuthorizationServerUnavailable:
+    return AuthorizationServerUnavailable(f"could not reach the token endpoint: {why}")
+
+
+def _words(name: str) -> str:
+    """``ConnectTimeout`` -> ``connect timeout``: the kind of failure, never its text."""
+    return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()
