@@ -1,0 +1,252 @@
+"""GetToken over real gRPC against a real authorization server: caching, single
+flight, compare-and-refresh, failures, revisions, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from support import CLIENT_ID, SECRET, FakeClock, Harness, error_info, running_service
+
+from tokensvc.demo.authserver import AuthServer, Behaviour
+from tokensvc.errors import AuthorizationServerUnavailable
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def get(server_id: str = "alpha", **fields: object) -> pb.GetTokenRequest:
+    return pb.GetTokenRequest(server_id=server_id, **fields)  # type: ignore[arg-type]
+
+
+async def test_a_token_is_fetched_once_and_then_served_from_memory(harness: Harness) -> None:
+    await harness.register(scopes=["read"])
+    first = await harness.tokens.GetToken(get())
+    second = await harness.tokens.GetToken(get())
+    assert first.access_token == second.access_token == harness.auth.issued[0]
+    assert first.token_type == "Bearer" and list(first.scopes) == ["read"]
+    assert first.version == 1 and first.server_id == "alpha"
+    assert harness.auth.token_requests == 1
+    # The wire: RFC 8707 resource defaults to the MCP URL.
+    assert harness.auth.last_form["resource"] == "http://127.0.0.1:9/alpha/mcp"
+    assert harness.auth.last_form["scope"] == "read"
+
+
+async def test_500_concurrent_calls_on_a_cold_server_make_one_request(harness: Harness) -> None:
+    await harness.register()
+    gate = asyncio.Event()
+    harness.auth.behaviour.gate = gate
+    calls = [asyncio.ensure_future(harness.tokens.GetToken(get())) for _ in range(500)]
+    # All 500 are waiting on the one request the authorization server holds.
+    await harness.auth.wait_for_requests(1)
+    gate.set()
+    results = await asyncio.gather(*calls)
+    assert harness.auth.token_requests == 1
+    assert {r.access_token for r in results} == {harness.auth.issued[0]}
+
+
+async def test_servers_in_flight_do_not_wait_for_each_other(harness: Harness) -> None:
+    async with AuthServer() as other:
+        other.add_client(CLIENT_ID, SECRET)
+        await harness.register("slow")
+        await harness.register("fast", token_endpoint=other.token_endpoint)
+        harness.auth.behaviour.gate = asyncio.Event()
+        slow = asyncio.ensure_future(harness.tokens.GetToken(get("slow")))
+        fast = await asyncio.wait_for(harness.tokens.GetToken(get("fast")), timeout=30)
+        assert fast.access_token == other.issued[0]
+        assert not slow.done()
+        harness.auth.behaviour.gate.set()
+        assert (await slow).access_token == harness.auth.issued[0]
+
+
+async def test_a_failure_reaches_every_waiter_and_is_not_cached(harness: Harness) -> None:
+    await harness.register()
+    manager = harness.service.manager
+    assert manager is not None
+    gate = asyncio.Event()
+    harness.auth.behaviour = Behaviour(gate=gate, fail_status=503)
+    # In-process callers: all 50 have joined the flight before the request
+    # even leaves, so the gate cannot open ahead of a late caller.
+    calls = asyncio.gather(*(manager.get_token("alpha") for _ in range(50)), return_exceptions=True)
+    await harness.auth.wait_for_requests(1)
+    gate.set()
+    results = await calls
+    assert harness.auth.token_requests == 1
+    assert all(isinstance(r, AuthorizationServerUnavailable) for r in results)
+    assert len({id(r) for r in results}) == 1  # the one failure, shared
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.tokens.GetToken(get())
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "AUTHORIZATION_SERVER_UNAVAILABLE"
+    assert harness.auth.token_requests == 2  # not cached: the next call tried again
+    harness.auth.behaviour = Behaviour()
+    token = await harness.tokens.GetToken(get())
+    assert harness.auth.token_requests == 3 and token.access_token == harness.auth.issued[-1]
+
+
+async def test_refused_credentials_are_failed_precondition_with_the_servers_error(
+    harness: Harness,
+) -> None:
+    await harness.register(secret="wrong-secret-value")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.tokens.GetToken(get())
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    assert info.reason == "CREDENTIALS_REJECTED" and info.metadata["error"] == "invalid_client"
+    assert "wrong-secret-value" not in str(caught.value) and "wrong-secret-value" not in str(info)
+    status = (await harness.admin.GetServer(pb.GetServerRequest(id="alpha"))).status
+    assert status.last_error.reason == "CREDENTIALS_REJECTED"
+    assert status.last_error.error == "invalid_client"
+    # A new secret clears the error and works.
+    await harness.register()
+    assert (await harness.tokens.GetToken(get())).version == 1
+    status = (await harness.admin.GetServer(pb.GetServerRequest(id="alpha"))).status
+    assert not status.HasField("last_error") and status.token_version == 1
+    assert status.expires_at.seconds > 0 and status.last_fetch_time.seconds > 0
+
+
+async def test_a_scope_the_client_may_not_have_is_token_request_rejected(harness: Harness) -> None:
+    await harness.register(scopes=["admin"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.tokens.GetToken(get())
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(caught.value).reason == "TOKEN_REQUEST_REJECTED"
+    assert error_info(caught.value).metadata["error"] == "invalid_scope"
+
+
+async def test_fifty_reports_of_the_current_token_make_one_request(harness: Harness) -> None:
+    await harness.register()
+    current = await harness.tokens.GetToken(get())
+    reports = await asyncio.gather(
+        *(
+            harness.tokens.GetToken(get(rejected_token_sha256=sha(current.access_token)))
+            for _ in range(50)
+        )
+    )
+    assert harness.auth.token_requests == 2
+    assert {r.access_token for r in reports} == {harness.auth.issued[1]}
+    assert {r.version for r in reports} == {2}
+    # A late report of the older token changes nothing.
+    late = await harness.tokens.GetToken(get(rejected_token_sha256=sha(current.access_token)))
+    assert late.access_token == harness.auth.issued[1] and harness.auth.token_requests == 2
+
+
+async def test_a_token_near_expiry_is_replaced_and_min_valid_for_is_honoured(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    clock = FakeClock()
+    auth.behaviour.lifetime = 100
+    async with running_service(tmp_path, auth, clock=clock) as h:
+        await h.register()
+        first = await h.tokens.GetToken(get())
+        clock.advance(40)  # 60 s left: fine by default (5 s)
+        assert (await h.tokens.GetToken(get())).version == 1
+        # Asking for more than half the lifetime is capped at half: still served.
+        capped = await h.tokens.GetToken(get(min_valid_for=Duration(seconds=3600)))
+        assert capped.version == 1
+        clock.advance(50)  # 10 s left; a caller wanting 30 s gets a new token
+        wanted = await h.tokens.GetToken(get(min_valid_for=Duration(seconds=30)))
+        assert wanted.version == 2 and wanted.access_token != first.access_token
+        assert auth.token_requests == 2
+
+
+async def test_an_outage_serves_the_valid_token_until_it_expires_then_unavailable(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    clock = FakeClock()
+    auth.behaviour.lifetime = 100
+    async with running_service(tmp_path, auth, clock=clock) as h:
+        await h.register()
+        first = await h.tokens.GetToken(get())
+        auth.behaviour.fail_status = 500
+        clock.advance(97)  # 3 s left: a refresh is due, and fails
+        served = await h.tokens.GetToken(get())
+        assert served.access_token == first.access_token
+        assert auth.token_requests == 2
+        clock.advance(3)  # expired: never served
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await h.tokens.GetToken(get())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        status = (await h.admin.GetServer(pb.GetServerRequest(id="alpha"))).status
+        assert status.last_error.reason == "AUTHORIZATION_SERVER_UNAVAILABLE"
+
+
+async def test_a_fetch_under_an_older_registration_is_thrown_away(harness: Harness) -> None:
+    await harness.register()
+    gate = asyncio.Event()
+    harness.auth.behaviour.gate = gate
+    waiting = asyncio.ensure_future(harness.tokens.GetToken(get()))
+    await harness.auth.wait_for_requests(1)
+    # The admin rotates the secret while the old one's request is in flight.
+    harness.auth.add_client(CLIENT_ID, "rotated-secret")
+    updated = await harness.register(secret="rotated-secret")
+    assert updated.revision == 2
+    gate.set()
+    served = await waiting
+    assert harness.auth.token_requests >= 2
+    assert served.access_token == harness.auth.issued[-1]
+    assert served.access_token != harness.auth.issued[0]  # the old secret's token
+    again = await harness.tokens.GetToken(get())
+    assert again.access_token != harness.auth.issued[0]
+
+
+async def test_a_restart_serves_the_stored_token_without_a_new_request(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    async with running_service(tmp_path, auth) as h:
+        await h.register()
+        before = await h.tokens.GetToken(get())
+    async with running_service(tmp_path, auth) as h:
+        after = await h.tokens.GetToken(get())
+    assert after.access_token == before.access_token and after.version == before.version
+    assert auth.token_requests == 1
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"server_id": "Bad Id"}, "server_id"),
+        ({"server_id": "alpha", "rejected_token_sha256": "abc"}, "rejected_token_sha256"),
+        ({"server_id": "alpha", "min_valid_for": Duration(seconds=-1)}, "min_valid_for"),
+        ({"server_id": "alpha", "min_valid_for": Duration(seconds=90000)}, "min_valid_for"),
+    ],
+)
+async def test_bad_token_requests_name_the_field(
+    harness: Harness, request_fields: dict[str, object], field: str
+) -> None:
+    await harness.register()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.tokens.GetToken(pb.GetTokenRequest(**request_fields))  # type: ignore[arg-type]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] == field
+    assert harness.auth.token_requests == 0
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_fetch_for_others(
+    harness: Harness,
+) -> None:
+    await harness.register()
+    gate = asyncio.Event()
+    harness.auth.behaviour.gate = gate
+    impatient = harness.tokens.GetToken(get(), timeout=0.2)
+    patient = asyncio.ensure_future(harness.tokens.GetToken(get()))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await impatient
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    gate.set()
+    assert (await patient).access_token == harness.auth.issued[0]
+    assert harness.auth.token_requests == 1
+
+
+def test_durations_are_checked_in_the_proto_layer() -> None:
+    from tokensvc.api.convert import duration
+
+    assert duration(Duration(), "f", timedelta(seconds=5)) == timedelta(seconds=5)
+    assert duration(Duration(seconds=2), "f", timedelta(seconds=5)) == timedelta(seconds=2)

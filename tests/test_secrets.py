@@ -1,0 +1,100 @@
+"""Secrets never leak: not into the data dir, the logs, responses or errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from support import SECRET, running_service
+
+from tokensvc import logs
+from tokensvc.demo.authserver import AuthServer, Behaviour
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+WRONG_SECRET = "wrong-Secret:+%ü-9c2e"
+
+
+def forms(value: str) -> list[bytes]:
+    """The ways a value could appear on disk or in a log: raw, UTF-8, escaped."""
+    from urllib.parse import quote, quote_plus
+
+    return [
+        value.encode(),
+        value.encode("unicode_escape"),
+        quote(value).encode(),
+        quote_plus(value).encode(),
+        repr(value).encode(),
+    ]
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(
+    tmp_path: Path, auth: AuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    logs.configure("debug")  # as the service does, at its most verbose
+    logging.getLogger().addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG)
+    auth.add_client("other", WRONG_SECRET + "-real")
+    errors: list[str] = []
+    responses: list[bytes] = []
+    data_dir = tmp_path / "data"
+    async with running_service(data_dir, auth) as h:
+        responses.append((await h.register()).SerializeToString())
+        responses.append((await h.register("other", secret=WRONG_SECRET)).SerializeToString())
+        responses.append(
+            (await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))).SerializeToString()
+        )
+        for behaviour in (
+            Behaviour(),  # the wrong secret: invalid_client
+            Behaviour(fail_status=500),
+            Behaviour(
+                fail_status=502,
+                fail_body="<html>" + SECRET + "</html>",
+                fail_content_type="text/html",
+            ),
+        ):
+            auth.behaviour = behaviour
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await h.tokens.GetToken(pb.GetTokenRequest(server_id="other"))
+            errors.append(repr(caught.value) + str(caught.value.trailing_metadata()))
+        auth.behaviour = Behaviour()
+        for request in (pb.GetServerRequest(id="alpha"), pb.GetServerRequest(id="other")):
+            responses.append((await h.admin.GetServer(request)).SerializeToString())
+        responses.append((await h.admin.ListServers(pb.ListServersRequest())).SerializeToString())
+        on_disk_while_running = _data_files(data_dir)
+    on_disk_after = _data_files(data_dir)
+    tokens = [t for t in auth.issued]
+    assert tokens, "the test must have fetched a token"
+    log_text = "\n".join(
+        fmt.format(record)
+        for record in caplog.records
+        for fmt in (logs.TextFormatter(), logs.JsonFormatter())
+    )
+    assert "token fetched" in log_text and "alpha" in log_text
+    for secret in (SECRET, WRONG_SECRET, *tokens):
+        for form in forms(secret):
+            assert form not in on_disk_while_running and form not in on_disk_after
+            assert form.decode(errors="ignore") not in log_text
+            assert all(form.decode(errors="ignore") not in e for e in errors)
+    for secret in (SECRET, WRONG_SECRET):
+        assert all(secret.encode() not in r for r in responses)
+    # The broker's own token is the one secret a response may carry.
+    assert tokens[0].encode() in responses[2]
+
+
+def _data_files(data_dir: Path) -> bytes:
+    """Everything in the data dir but the key file: database, WAL, shared memory."""
+    return b"".join(
+        p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file() and p.name != "keys"
+    )

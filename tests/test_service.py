@@ -1,0 +1,189 @@
+"""The process: CLI, migrations, keys at start, health and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import inspect
+from support import Harness, create_pg_database, drop_pg_database, running_service
+
+from tokensvc.crypto import KeyRing, generate_key_entry
+from tokensvc.demo.authserver import AuthServer
+from tokensvc.store import create_engine, migrate
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+TOKENSVC = str(Path(sys.executable).parent / "tokensvc")
+
+
+async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        TOKENSVC,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")},
+            **(env or {}),
+        },
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_keygen_prints_a_usable_key() -> None:
+    code, out = await run("keygen")
+    assert code == 0
+    assert KeyRing.parse(out.strip()).primary_id == out.split(":")[0]
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "keygen", "rotate-keys", "dev-authserver"])
+async def test_every_command_has_help(command: str) -> None:
+    code, out = await run(command, "--help")
+    assert code == 0 and "usage: tokensvc" in out
+
+
+async def test_migrations_go_up_and_down(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert {"servers", "tokens", "audit_events", "alembic_version"} <= tables
+        assert await migrate.current_revision(engine) == migrate.head_revision()
+        await migrate.downgrade(engine, "base")
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert tables <= {"alembic_version"}
+        assert await migrate.current_revision(engine) is None
+    finally:
+        await engine.dispose()
+
+
+async def test_serve_refuses_a_postgresql_database_that_is_behind_then_migrate_fixes_it(
+    tmp_path: Path,
+) -> None:
+    url = await create_pg_database()
+    env = {"TOKENSVC_DATABASE_URL": url, "TOKENSVC_DATA_DIR": str(tmp_path)}
+    try:
+        code, out = await run("serve", "--listen", "127.0.0.1:0", env=env)
+        assert code == 2 and "tokensvc migrate" in out, out
+        code, out = await run("migrate", env=env)
+        assert code == 0 and "database migrated" in out, out
+        process = await asyncio.create_subprocess_exec(
+            TOKENSVC,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, **env},
+        )
+        assert process.stderr is not None
+        while "tokensvc serving" not in (line := (await process.stderr.readline()).decode()):
+            assert line, "serve exited early"
+        process.send_signal(signal.SIGTERM)
+        rest = (await asyncio.wait_for(process.stderr.read(), 30)).decode()
+        assert await process.wait() == 0
+        assert "shutting down" in rest and "tokensvc stopped" in rest
+    finally:
+        await drop_pg_database(url)
+
+
+async def test_serve_refuses_data_under_a_key_it_does_not_have(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    first = generate_key_entry()
+    async with running_service(tmp_path, auth, keys=first) as h:
+        await h.register()
+    before = (tmp_path / "tokensvc.db").read_bytes()
+    code, out = await run(
+        "serve",
+        "--data-dir",
+        str(tmp_path),
+        "--listen",
+        "127.0.0.1:0",
+        env={"TOKENSVC_KEYS": generate_key_entry()},
+    )
+    assert code == 2
+    assert first.split(":")[0] in out and "not configured" in out
+    assert (tmp_path / "tokensvc.db").read_bytes() == before
+
+
+async def test_a_taken_port_is_refused_clearly(tmp_path: Path, auth: AuthServer) -> None:
+    async with running_service(tmp_path / "a", auth) as h:
+        code, out = await run("serve", "--data-dir", str(tmp_path / "b"), "--listen", h.target)
+    assert code == 2 and "cannot listen" in out
+
+
+async def test_health_is_serving_then_not_serving_on_shutdown_and_calls_drain(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    async with running_service(tmp_path, auth) as h:
+        await h.register()
+        health = health_pb2_grpc.HealthStub(h.channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="tokensvc.v1.TokenService"))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        gate = asyncio.Event()
+        auth.behaviour.gate = gate
+        in_flight = asyncio.ensure_future(h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha")))
+        await auth.wait_for_requests(1)
+        stopping = asyncio.ensure_future(h.service.stop(grace=30))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        gate.set()
+        token = await in_flight  # finished within the grace period
+        assert token.access_token == auth.issued[0]
+        await stopping
+        with pytest.raises(grpc.aio.AioRpcError):
+            await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"), timeout=2)
+
+
+async def test_a_config_file_and_the_environment_are_read_with_flags_winning(
+    tmp_path: Path,
+) -> None:
+    from tokensvc.settings import load
+
+    config = tmp_path / "tokensvc.toml"
+    config.write_text('listen = "127.0.0.1:7000"\nhttp_timeout = 3\nlog_format = "json"\n')
+    settings = load(
+        {"config": str(config), "listen": "127.0.0.1:7001"},
+        {"TOKENSVC_HTTP_TIMEOUT": "4", "TOKENSVC_ALLOW_INSECURE_HTTP": "true"},
+    )
+    assert settings.listen == "127.0.0.1:7001"
+    assert settings.http_timeout == 4.0 and settings.allow_insecure_http
+    assert settings.log_format == "json"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TOKENSVC_LISTEN": "nowhere"}, "host:port"),
+        ({"TOKENSVC_HTTP_TIMEOUT": "soon"}, "http_timeout"),
+        ({"TOKENSVC_DATABASE_URL": "mysql://x"}, "database_url"),
+        ({"TOKENSVC_ALLOW_INSECURE_HTTP": "maybe"}, "allow_insecure_http"),
+    ],
+)
+def test_bad_settings_are_refused_before_binding(environ: dict[str, str], message: str) -> None:
+    from tokensvc.errors import ConfigurationError
+    from tokensvc.settings import load
+
+    with pytest.raises(ConfigurationError, match=message):
+        load({}, environ)
+
+
+async def test_the_container_healthcheck_reports_serving(harness: Harness) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tokensvc.healthcheck",
+        harness.target,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0 and out.decode().strip() == "SERVING"

@@ -1,0 +1,129 @@
+"""Proto in, domain values out, and back. No policy lives here."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from tokensvc.errors import InvalidArgument
+from tokensvc.registration import (
+    AuthMethod,
+    Credential,
+    CredentialKind,
+    ServerSpec,
+    sorted_params,
+)
+from tokensvc.store import ServerRecord
+from tokensvc.token import Secret, ServerToken
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+AUTH_METHODS = {
+    pb.CLIENT_AUTH_METHOD_UNSPECIFIED: AuthMethod.CLIENT_SECRET_BASIC,
+    pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: AuthMethod.CLIENT_SECRET_BASIC,
+    pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: AuthMethod.CLIENT_SECRET_POST,
+    pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: AuthMethod.PRIVATE_KEY_JWT,
+}
+AUTH_METHOD_PROTO = {
+    AuthMethod.CLIENT_SECRET_BASIC: pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC,
+    AuthMethod.CLIENT_SECRET_POST: pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST,
+    AuthMethod.PRIVATE_KEY_JWT: pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT,
+}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def duration(value: Duration, field: str, default: timedelta) -> timedelta:
+    if value.seconds == 0 and value.nanos == 0:
+        return default
+    result: timedelta = value.ToTimedelta()
+    if result < timedelta(0) or result > timedelta(days=1):
+        raise InvalidArgument(field, 'must be between 0 and 24h, e.g. "30s"')
+    return result
+
+
+def spec_from_proto(server: pb.Server) -> ServerSpec:
+    if server.auth_method not in AUTH_METHODS:
+        raise InvalidArgument(
+            "server.auth_method",
+            "unknown method: use CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC or "
+            "CLIENT_AUTH_METHOD_CLIENT_SECRET_POST",
+        )
+    return ServerSpec(
+        id=server.id,
+        mcp_url=server.mcp_url,
+        token_endpoint=server.token_endpoint,
+        issuer=server.issuer,
+        client_id=server.client_id,
+        auth_method=AUTH_METHODS[server.auth_method],
+        scopes=tuple(server.scopes),
+        resource=server.resource,
+        audience=server.audience,
+        extra_token_params=sorted_params(server.extra_token_params),
+    )
+
+
+def credential_from_proto(request: pb.RegisterServerRequest) -> Credential | None:
+    which = request.WhichOneof("credential")
+    if which == "client_secret":
+        return Credential(CredentialKind.CLIENT_SECRET, Secret(request.client_secret))
+    if which == "private_key_pem":
+        return Credential(CredentialKind.PRIVATE_KEY, Secret(request.private_key_pem))
+    return None
+
+
+def server_to_proto(record: ServerRecord) -> pb.Server:
+    spec, status = record.spec, record.status
+    out = pb.Server(
+        id=spec.id,
+        mcp_url=spec.mcp_url,
+        token_endpoint=spec.token_endpoint,
+        issuer=spec.issuer,
+        client_id=spec.client_id,
+        auth_method=AUTH_METHOD_PROTO[spec.auth_method],
+        scopes=spec.scopes,
+        resource=spec.resource,
+        audience=spec.audience,
+        extra_token_params=dict(spec.extra_token_params),
+        credential_set=record.credential_kind is not None,
+        revision=record.revision,
+        create_time=timestamp(record.create_time),
+        update_time=timestamp(record.update_time),
+        status=pb.TokenStatus(
+            expires_at=timestamp(status.expires_at),
+            last_fetch_time=timestamp(status.last_fetch_time),
+            next_refresh_time=timestamp(status.next_refresh_time),
+            token_version=status.token_version,
+        ),
+    )
+    if status.last_error is not None:
+        error = status.last_error
+        out.status.last_error.CopyFrom(
+            pb.FetchError(
+                reason=error.reason,
+                error=error.error,
+                error_description=error.error_description,
+                time=timestamp(error.time),
+            )
+        )
+    return out
+
+
+def token_to_proto(held: ServerToken) -> pb.Token:
+    token = held.token
+    return pb.Token(
+        server_id=held.server_id,
+        access_token=token.access_token,
+        token_type=token.token_type,
+        scopes=token.scopes,
+        issued_at=timestamp(token.issued_at),
+        expires_at=timestamp(token.expires_at),
+        version=held.version,
+    )

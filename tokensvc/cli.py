@@ -1,0 +1,172 @@
+"""The ``tokensvc`` command: serve, migrate, keygen, rotate-keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tokensvc import logs
+from tokensvc.crypto import generate_key_entry
+from tokensvc.errors import ConfigurationError, DecryptionError, StoreUnavailable
+from tokensvc.settings import Settings, load
+
+log = logging.getLogger("tokensvc")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML file of settings (env TOKENSVC_CONFIG)")
+    parser.add_argument(
+        "--data-dir", help="where the SQLite database and key file live (default ./data)"
+    )
+    parser.add_argument(
+        "--database-url",
+        help="sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB "
+        "(env TOKENSVC_DATABASE_URL; default SQLite in the data dir)",
+    )
+    parser.add_argument("--key-file", help="key file (default DATA_DIR/keys); or env TOKENSVC_KEYS")
+    parser.add_argument("--log-format", choices=("text", "json"))
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokensvc",
+        description="OAuth client-credentials tokens for MCP brokers, over gRPC. "
+        "Every flag is also an environment variable TOKENSVC_<NAME>.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC service")
+    _common(serve)
+    serve.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
+    serve.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        default=None,
+        help="accept http:// token endpoints off loopback (never do this in production)",
+    )
+    serve.add_argument("--grace-period", type=float, help="seconds to drain calls on shutdown")
+
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date")
+    _common(migrate)
+    migrate.add_argument("--to", default="head", help="target revision (default head)")
+
+    commands.add_parser("keygen", help="print a new encryption key entry (id:base64key)")
+
+    auth = commands.add_parser(
+        "dev-authserver",
+        help="run a local OAuth authorization server to try tokensvc with (not for production)",
+    )
+    auth.add_argument(
+        "--listen", default="127.0.0.1:9000", help="host:port (default 127.0.0.1:9000)"
+    )
+    auth.add_argument("--client-id", default="demo-client")
+    auth.add_argument("--client-secret", default="demo-secret")
+    auth.add_argument("--scopes", default="read,write", help="scopes the client may have")
+    auth.add_argument("--lifetime", type=float, default=300, help="token lifetime in seconds")
+
+    rotate = commands.add_parser(
+        "rotate-keys", help="re-encrypt every stored secret and token under the newest key"
+    )
+    _common(rotate)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k not in ("command", "to") and v is not None
+    }
+    return load(overrides)
+
+
+async def _migrate(settings: Settings, target: str) -> None:
+    from tokensvc.store import create_engine, migrate
+
+    engine = create_engine(settings.effective_database_url)
+    try:
+        before = await migrate.current_revision(engine)
+        await migrate.upgrade(engine, target)
+        after = await migrate.current_revision(engine)
+    finally:
+        await engine.dispose()
+    log.info("database migrated", extra={"from": before or "empty", "to": after})
+
+
+async def _rotate(settings: Settings) -> None:
+    from tokensvc.server import keyring_for, open_store
+
+    store = await open_store(settings, keyring_for(settings))
+    try:
+        count = await store.rotate_keys()
+        left = await store.key_ids_in_use() - {store.keyring.primary_id}
+    finally:
+        await store.close()
+    log.info(
+        "keys rotated",
+        extra={"rows_rewritten": count, "primary_key_id": store.keyring.primary_id},
+    )
+    if left:
+        log.warning(
+            "some rows are still under older keys (written meanwhile): run rotate-keys again",
+            extra={"key_ids": ",".join(sorted(left))},
+        )
+
+
+async def _dev_authserver(args: argparse.Namespace) -> None:
+    from tokensvc.demo.authserver import AuthServer, Behaviour
+
+    host, _, port = args.listen.rpartition(":")
+    server = AuthServer(host=host, port=int(port), behaviour=Behaviour(lifetime=args.lifetime))
+    server.add_client(args.client_id, args.client_secret, scopes=args.scopes.split(","))
+    async with server:
+        log.info(
+            "development authorization server ready",
+            extra={"token_endpoint": server.token_endpoint, "client_id": args.client_id},
+        )
+        await _until_signalled()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "keygen":
+        print(generate_key_entry())
+        return 0
+    if args.command == "dev-authserver":
+        logs.configure()
+        asyncio.run(_dev_authserver(args))
+        return 0
+    try:
+        settings = _settings(args)
+        logs.configure(settings.log_level, settings.log_format)
+        if args.command == "serve":
+            from tokensvc.server import serve
+
+            asyncio.run(serve(settings))
+        elif args.command == "migrate":
+            asyncio.run(_migrate(settings, args.to))
+        elif args.command == "rotate-keys":
+            asyncio.run(_rotate(settings))
+    except (ConfigurationError, DecryptionError, StoreUnavailable) as exc:
+        logs.configure()
+        log.error("cannot start: " + exc.message)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Every setting of tokensvc, in one frozen object, validated before the server binds.
+
+Sources, strongest first: command-line flags, ``TOKENSVC_*`` environment
+variables, a TOML file (``--config``/``TOKENSVC_CONFIG``), defaults. This is the
+only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tokensvc.errors import ConfigurationError
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path("data")
+    # Default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://user@host/db
+    database_url: str = ""
+    # "id:base64key" entries, newest last. Default: the key file.
+    keys: str = ""
+    # Default: data_dir/keys, created with mode 0600 on first start.
+    key_file: Path | None = None
+    allow_insecure_http: bool = False
+    http_timeout: float = 10.0
+    max_response_bytes: int = 65536
+    default_token_lifetime: float = 300.0
+    min_valid_for: float = 5.0
+    grace_period: float = 10.0
+    log_format: str = "text"
+    log_level: str = "info"
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'tokensvc.db'}"
+
+    @property
+    def effective_key_file(self) -> Path:
+        return self.key_file or self.data_dir / "keys"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.effective_database_url.startswith("sqlite")
+
+    @property
+    def default_min_valid_for(self) -> timedelta:
+        return timedelta(seconds=self.min_valid_for)
+
+    @property
+    def default_lifetime(self) -> timedelta:
+        return timedelta(seconds=self.default_token_lifetime)
+
+    def validate(self) -> Settings:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigurationError(
+                f"listen {self.listen!r} is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)"
+            )
+        if self.database_url and not self.database_url.startswith(
+            ("sqlite+aiosqlite://", "postgresql+asyncpg://")
+        ):
+            raise ConfigurationError(
+                "database_url must start with sqlite+aiosqlite:// or postgresql+asyncpg://"
+            )
+        for name in ("http_timeout", "default_token_lifetime", "grace_period"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")
+        if self.min_valid_for < 0:
+            raise ConfigurationError("min_valid_for must not be negative")
+        if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:
+            raise ConfigurationError("max_response_bytes must be between 1024 and 16777216")
+        if self.log_format not in ("text", "json"):
+            raise ConfigurationError("log_format must be text or json")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigurationError("log_level must be debug, info, warning or error")
+        return self
+
+
+FIELDS = {f.name: f for f in fields(Settings)}
+ENV_PREFIX = "TOKENSVC_"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    default = getattr(Settings(), name)
+    kind = FIELDS[name].type
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+                raise ValueError(value)
+            return text in ("1", "true", "yes", "on")
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, Path) or "Path" in str(kind):
+            return Path(value) if value not in (None, "") else None
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"setting {name}: {str(value)[:60]!r} is not valid") from None
+
+
+def load(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Builds the settings from file, environment and overrides (flags; None = unset)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config = (overrides or {}).get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if config:
+        try:
+            with open(config, "rb") as handle:
+                data = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigurationError(f"cannot read config file {config}: {exc}") from None
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in FIELDS:
+                raise ConfigurationError(f"config file {config}: unknown setting {key!r}")
+            values[name] = value
+    for name in FIELDS:
+        if ENV_PREFIX + name.upper() in env:
+            values[name] = env[ENV_PREFIX + name.upper()]
+    for name, value in (overrides or {}).items():
+        if name in FIELDS and value is not None:
+            values[name] = value
+    settings = replace(Settings(), **{k: _coerce(k, v) for k, v in values.items()})
+    if settings.data_dir is None:
+        raise ConfigurationError("data_dir must not be empty")
+    return settings.validate()
