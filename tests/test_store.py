@@ -37,12 +37,21 @@ def token(value: str = "access-token-1", seconds: int = 60) -> Token:
 
 
 async def test_registering_the_same_server_twice_changes_nothing(store: Store) -> None:
-    first, changed = await store.register(spec(), secret(), actor="t")
-    again, changed_again = await store.register(spec(), secret(), actor="t")
-    unchanged, changed_none = await store.register(spec(), None, actor="t")
-    assert (changed, changed_again, changed_none) == (True, False, False)
-    assert first.revision == again.revision == unchanged.revision == 1
-    assert again.update_time == first.update_time
+    first = await store.register(spec(), secret(), actor="t")
+    again = await store.register(spec(), secret(), actor="t")
+    unchanged = await store.register(spec(), None, actor="t")
+    assert [r.changed for r in (first, again, unchanged)] == [True, False, False]
+    assert [r.record.revision for r in (first, again, unchanged)] == [1, 1, 1]
+    assert again.record.update_time == first.record.update_time
+
+
+async def test_a_new_refresh_fraction_is_kept_without_a_new_revision(store: Store) -> None:
+    record = (await store.register(spec(), secret())).record
+    await store.save_token("alpha", record.incarnation, 1, token())
+    result = await store.register(spec(refresh_fraction=0.7), None)
+    assert result.changed and not result.revised and result.record.revision == 1
+    assert result.record.spec.refresh_fraction == 0.7
+    assert (await store.load_for_fetch("alpha")).token is not None
 
 
 @pytest.mark.parametrize(
@@ -58,17 +67,17 @@ async def test_registering_the_same_server_twice_changes_nothing(store: Store) -
 async def test_a_changed_registration_bumps_revision_and_drops_the_token(
     store: Store, change: dict[str, object]
 ) -> None:
-    record, _ = await store.register(spec(), secret())
+    record = (await store.register(spec(), secret())).record
     assert await store.save_token("alpha", record.incarnation, 1, token()) is not None
-    updated, changed = await store.register(spec(**change), None)
-    assert changed and updated.revision == 2
+    result = await store.register(spec(**change), None)
+    assert result.revised and result.record.revision == 2
     assert (await store.load_for_fetch("alpha")).token is None
 
 
 async def test_a_new_secret_bumps_revision_and_is_used(store: Store) -> None:
     await store.register(spec(), secret("old"))
-    record, changed = await store.register(spec(), secret("new"))
-    assert changed and record.revision == 2
+    result = await store.register(spec(), secret("new"))
+    assert result.revised and result.record.revision == 2
     assert (await store.load_for_fetch("alpha")).credential.value.reveal() == "new"
 
 
@@ -81,21 +90,21 @@ async def test_expected_revision_guards_against_lost_updates(store: Store) -> No
     with pytest.raises(RevisionMismatch) as caught:
         await store.register(spec(audience="x"), None, expected_revision=7)
     assert caught.value.metadata() == {"revision": "1"}
-    record, _ = await store.register(spec(audience="x"), None, expected_revision=1)
+    record = (await store.register(spec(audience="x"), None, expected_revision=1)).record
     assert record.revision == 2 and record.spec.audience == "x"
 
 
 async def test_a_token_fetched_under_an_older_revision_is_not_saved(store: Store) -> None:
-    record, _ = await store.register(spec(), secret())
+    record = (await store.register(spec(), secret())).record
     await store.register(spec(scopes=("write",)), None)
     assert await store.save_token("alpha", record.incarnation, record.revision, token()) is None
     assert (await store.load_for_fetch("alpha")).token is None
 
 
 async def test_a_token_of_a_deleted_and_recreated_server_is_not_saved(store: Store) -> None:
-    old, _ = await store.register(spec(), secret())
+    old = (await store.register(spec(), secret())).record
     await store.delete("alpha")
-    new, _ = await store.register(spec(), secret())
+    new = (await store.register(spec(), secret())).record
     assert new.revision == old.revision == 1
     assert await store.save_token("alpha", old.incarnation, 1, token()) is None
     saved = await store.save_token("alpha", new.incarnation, 1, token())
@@ -103,7 +112,7 @@ async def test_a_token_of_a_deleted_and_recreated_server_is_not_saved(store: Sto
 
 
 async def test_each_saved_token_gets_the_next_version(store: Store) -> None:
-    record, _ = await store.register(spec(), secret())
+    record = (await store.register(spec(), secret())).record
     versions = []
     for i in range(3):
         saved = await store.save_token("alpha", record.incarnation, 1, token(f"t{i}"))
@@ -116,7 +125,7 @@ async def test_each_saved_token_gets_the_next_version(store: Store) -> None:
 
 
 async def test_concurrent_saves_never_lose_a_version(store: Store) -> None:
-    record, _ = await store.register(spec(), secret())
+    record = (await store.register(spec(), secret())).record
     results = await asyncio.gather(
         *(store.save_token("alpha", record.incarnation, 1, token(f"t{i}")) for i in range(20))
     )
@@ -128,18 +137,18 @@ async def test_concurrent_registrations_never_lose_an_update(store: Store) -> No
     results = await asyncio.gather(
         *(store.register(spec(scopes=(f"s{i}",)), None) for i in range(20))
     )
-    assert sorted(record.revision for record, _ in results) == list(range(2, 22))
+    assert sorted(r.record.revision for r in results) == list(range(2, 22))
     assert (await store.get_server("alpha")).revision == 21
 
 
 async def test_concurrent_creations_make_one_server(store: Store) -> None:
     results = await asyncio.gather(*(store.register(spec("new"), secret()) for _ in range(10)))
-    assert sum(changed for _, changed in results) == 1
-    assert {record.revision for record, _ in results} == {1}
+    assert sum(r.changed for r in results) == 1
+    assert {r.record.revision for r in results} == {1}
 
 
 async def test_secrets_and_tokens_are_stored_only_as_ciphertext(store: Store) -> None:
-    record, _ = await store.register(spec(), secret("plain-secret-xyz"))
+    record = (await store.register(spec(), secret("plain-secret-xyz"))).record
     await store.save_token("alpha", record.incarnation, 1, token("plain-token-xyz"))
     async with store.engine.connect() as conn:
         rows = [
@@ -168,7 +177,7 @@ async def test_a_credential_moved_to_another_row_fails_to_decrypt(store: Store) 
 async def test_rotate_keys_re_encrypts_everything_under_the_newest_key(
     store: Store, key_entry: str
 ) -> None:
-    record, _ = await store.register(spec(), secret("keep-me"))
+    record = (await store.register(spec(), secret("keep-me"))).record
     await store.save_token("alpha", record.incarnation, 1, token("tok"))
     new_entry = generate_key_entry()
     store.keyring = KeyRing.parse(f"{key_entry}\n{new_entry}")

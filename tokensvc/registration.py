@@ -79,6 +79,9 @@ class ServerSpec:
     resource: str = ""
     audience: str = ""
     extra_token_params: tuple[tuple[str, str], ...] = field(default=())
+    # When to refresh, as a share of the lifetime; 0: the service default.
+    # Not part of what a token is fetched with, so changing it keeps the revision.
+    refresh_fraction: float = 0.0
 
     @property
     def effective_resource(self) -> str:
@@ -87,6 +90,11 @@ class ServerSpec:
     @property
     def params(self) -> dict[str, str]:
         return dict(self.extra_token_params)
+
+
+# Fields a token is not fetched with: changing them keeps the revision (and
+# the token). Any other change, the credential's included, bumps it.
+NON_REVISION_FIELDS = frozenset({"refresh_fraction"})
 
 
 def sorted_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -241,6 +249,11 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
                 name, f"{key!r} is set by tokensvc; use the server field of that name instead"
             )
         _check_text(name, value, MAX_PARAM_VALUE, "value")
+    if spec.refresh_fraction and not 0.05 <= spec.refresh_fraction <= 0.95:
+        raise InvalidArgument(
+            prefix + "refresh_fraction",
+            "must be 0 (the service default) or between 0.05 and 0.95 of the token's lifetime",
+        )
     return spec
 
 

@@ -4,6 +4,7 @@ from tokensvc.store.engine import create_engine
 from tokensvc.store.repository import (
     FetchContext,
     LastError,
+    Registration,
     ServerRecord,
     ServerStatus,
     Store,
@@ -12,6 +13,7 @@ from tokensvc.store.repository import (
 __all__ = [
     "FetchContext",
     "LastError",
+    "Registration",
     "ServerRecord",
     "ServerStatus",
     "Store",

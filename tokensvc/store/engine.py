@@ -15,7 +15,10 @@ def create_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
     if parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(parsed.database)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Only ciphertext is secret in there, but nobody else needs to read it.
+        path.touch(mode=0o600, exist_ok=True)
     engine = create_async_engine(url, connect_args={"timeout": 30})
 
     # pysqlite's deferred BEGIN lets two writers read the same row and both

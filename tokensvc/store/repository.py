@@ -20,6 +20,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from tokensvc.crypto import KeyRing, associated_data, key_id_of
 from tokensvc.errors import (
@@ -31,6 +32,7 @@ from tokensvc.errors import (
     StoreUnavailable,
 )
 from tokensvc.registration import (
+    NON_REVISION_FIELDS,
     AuthMethod,
     Credential,
     CredentialKind,
@@ -70,6 +72,13 @@ class ServerRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Registration:
+    record: ServerRecord
+    revised: bool  # the revision moved: tokens fetched before are void
+    changed: bool  # anything changed (revised, or only refresh_fraction)
+
+
+@dataclass(frozen=True, slots=True)
 class FetchContext:
     """What a token request needs: the registration, its credential, and the
     stored token if it was fetched under the current revision."""
@@ -91,6 +100,7 @@ def _spec_of(row: Row[Any]) -> ServerSpec:
         resource=row.resource,
         audience=row.audience,
         extra_token_params=sorted_params(json.loads(row.extra_token_params)),
+        refresh_fraction=row.refresh_fraction,
     )
 
 
@@ -105,11 +115,33 @@ def _spec_columns(spec: ServerSpec) -> dict[str, Any]:
         "resource": spec.resource,
         "audience": spec.audience,
         "extra_token_params": json.dumps(dict(spec.extra_token_params)),
+        "refresh_fraction": spec.refresh_fraction,
     }
 
 
 def _changed_fields(old: ServerSpec, new: ServerSpec) -> list[str]:
     return [name for name in ServerSpec.__slots__ if getattr(old, name) != getattr(new, name)]
+
+
+NO_ERROR: dict[str, Any] = {
+    "last_error_reason": None,
+    "last_error_code": None,
+    "last_error_description": None,
+    "last_error_time": None,
+}
+
+
+def _still(server_id: str, incarnation: str, revision: int) -> ColumnElement[bool]:
+    """The server as it was when a fetch started: same incarnation and revision."""
+    return (
+        (servers.c.id == server_id)
+        & (servers.c.incarnation == incarnation)
+        & (servers.c.revision == revision)
+    )
+
+
+def _bumps_revision(fields: list[str]) -> bool:
+    return any(name not in NON_REVISION_FIELDS for name in fields)
 
 
 class Store:
@@ -230,6 +262,23 @@ class Store:
         token = self._open_token(token_row) if token_row is not None else None
         return FetchContext(record, credential, token)
 
+    async def load_all(self) -> list[tuple[ServerRecord, ServerToken | None]]:
+        """Every server with its token of the current revision, if stored (for
+        warming the cache and the schedule at start)."""
+        async with self._tx() as conn:
+            rows = (await conn.execute(self._select_servers().order_by(servers.c.id))).all()
+            token_rows = (
+                await conn.execute(
+                    select(tokens).join(
+                        servers,
+                        (servers.c.id == tokens.c.server_id)
+                        & (servers.c.revision == tokens.c.revision),
+                    )
+                )
+            ).all()
+        stored = {row.server_id: self._open_token(row) for row in token_rows}
+        return [(self._record(row, row.token_expires_at), stored.get(row.id)) for row in rows]
+
     # writes --------------------------------------------------------------
 
     async def _audit(
@@ -251,9 +300,9 @@ class Store:
         credential: Credential | None,
         expected_revision: int = 0,
         actor: str = "",
-    ) -> tuple[ServerRecord, bool]:
-        """Creates or replaces the server. Returns the record and whether its
-        revision changed (then its cached token is dropped)."""
+    ) -> Registration:
+        """Creates or replaces the server. ``revised`` says whether its revision
+        changed (then its stored token was dropped)."""
         try:
             return await self._register(spec, credential, expected_revision, actor)
         except IntegrityError:
@@ -266,7 +315,7 @@ class Store:
         credential: Credential | None,
         expected_revision: int,
         actor: str,
-    ) -> tuple[ServerRecord, bool]:
+    ) -> Registration:
         now = self.clock()
         async with self._tx() as conn:
             # FOR UPDATE: on PostgreSQL (read committed) two concurrent updates
@@ -301,37 +350,35 @@ class Store:
                     )
                 )
                 await self._audit(conn, actor, "create", spec.id, revision=1)
-                changed = True
+                changed = revised = True
             else:
                 fields = _changed_fields(_spec_of(row), spec)
-                credential_changed = credential is not None and not self._same_credential(
-                    row, credential
-                )
-                changed = bool(fields) or credential_changed
+                if credential is not None and not self._same_credential(row, credential):
+                    fields.append("credential")
+                changed = bool(fields)
+                revised = _bumps_revision(fields)
                 if changed:
+                    revision = row.revision + 1 if revised else row.revision
                     values: dict[str, Any] = {
-                        "revision": row.revision + 1,
+                        "revision": revision,
                         "update_time": now,
-                        "last_error_reason": None,
-                        "last_error_code": None,
-                        "last_error_description": None,
-                        "last_error_time": None,
-                        "next_refresh_time": None,
                         **_spec_columns(spec),
                     }
-                    if credential_changed and credential is not None:
+                    if revised:
+                        values.update(NO_ERROR, next_refresh_time=None)
+                    if credential is not None and "credential" in fields:
                         values["credential_kind"] = credential.kind.value
                         values["credential_ct"] = self._seal_credential(spec.id, credential)
-                        fields.append("credential")
                     await conn.execute(
                         update(servers).where(servers.c.id == spec.id).values(**values)
                     )
-                    await conn.execute(delete(tokens).where(tokens.c.server_id == spec.id))
+                    if revised:
+                        await conn.execute(delete(tokens).where(tokens.c.server_id == spec.id))
                     await self._audit(
-                        conn, actor, "update", spec.id, revision=row.revision + 1, changed=fields
+                        conn, actor, "update", spec.id, revision=revision, changed=fields
                     )
             row = (await conn.execute(self._select_servers().where(servers.c.id == spec.id))).one()
-        return self._record(row, row.token_expires_at), changed
+        return Registration(self._record(row, row.token_expires_at), revised, changed)
 
     def _same_credential(self, row: Row[Any], credential: Credential) -> bool:
         if row.credential_ct is None or row.credential_kind != credential.kind.value:
@@ -350,7 +397,12 @@ class Store:
             await self._audit(conn, actor, "delete", server_id)
 
     async def save_token(
-        self, server_id: str, incarnation: str, revision: int, token: Token
+        self,
+        server_id: str,
+        incarnation: str,
+        revision: int,
+        token: Token,
+        next_refresh: datetime | None = None,
     ) -> ServerToken | None:
         """Stores a fetched token as the server's next version, only if the
         server is still the incarnation and revision it was fetched under;
@@ -359,18 +411,12 @@ class Store:
             version = (
                 await conn.execute(
                     update(servers)
-                    .where(
-                        servers.c.id == server_id,
-                        servers.c.incarnation == incarnation,
-                        servers.c.revision == revision,
-                    )
+                    .where(_still(server_id, incarnation, revision))
                     .values(
                         token_version=servers.c.token_version + 1,
                         last_fetch_time=token.issued_at,
-                        last_error_reason=None,
-                        last_error_code=None,
-                        last_error_description=None,
-                        last_error_time=None,
+                        next_refresh_time=next_refresh,
+                        **NO_ERROR,
                     )
                     .returning(servers.c.token_version)
                 )
@@ -393,21 +439,23 @@ class Store:
         return ServerToken(server_id, token, version, revision)
 
     async def record_failure(
-        self, server_id: str, incarnation: str, revision: int, error: FetchError
+        self,
+        server_id: str,
+        incarnation: str,
+        revision: int,
+        error: FetchError,
+        next_attempt: datetime | None = None,
     ) -> None:
         async with self._tx() as conn:
             await conn.execute(
                 update(servers)
-                .where(
-                    servers.c.id == server_id,
-                    servers.c.incarnation == incarnation,
-                    servers.c.revision == revision,
-                )
+                .where(_still(server_id, incarnation, revision))
                 .values(
                     last_error_reason=error.reason,
                     last_error_code=error.oauth.error or None,
                     last_error_description=error.oauth.error_description or error.message,
                     last_error_time=self.clock(),
+                    next_refresh_time=next_attempt,
                 )
             )
 

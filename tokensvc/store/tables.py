@@ -9,6 +9,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -61,6 +62,7 @@ servers = Table(
     Column("resource", Text, nullable=False),
     Column("audience", Text, nullable=False),
     Column("extra_token_params", Text, nullable=False),  # JSON object
+    Column("refresh_fraction", Float, nullable=False, server_default="0"),
     Column("credential_kind", String(16)),
     Column("credential_ct", LargeBinary),  # AES-GCM envelope
     Column("token_version", BigInteger, nullable=False),
