@@ -1,11 +1,13 @@
-"""TokenManager: the policy. Cache, single flight per server, compare-and-refresh.
+"""TokenManager: the policy. Cache, single flight, schedule, backoff, events.
 
 It reads like the spec: serve the cached token if it is valid long enough;
 otherwise join the one refresh in flight for that server, or start it. A
 refresh first looks at the store (a token saved before a restart, or by
 another process, is taken instead of fetched), then asks the authorization
-server and saves the result under the revision it was fetched for. Failures
-are never cached; a token still valid is served through an outage.
+server and saves the result under the revision it was fetched for. Every
+token is replaced ahead of expiry by one scheduler for all servers; failures
+back off (see policy.py) and are never served as tokens; a token still valid
+is served through an outage, never after its expiry.
 """
 
 from __future__ import annotations
@@ -13,13 +15,29 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import random
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from tokensvc.errors import FetchError, RegistrationChanged
+from tokensvc.errors import (
+    FetchError,
+    RegistrationChanged,
+    StoreUnavailable,
+    TransientFetchError,
+)
+from tokensvc.events import (
+    Event,
+    EventBus,
+    FetchFailed,
+    ServerRemoved,
+    TokenIssued,
+    TokenRevoked,
+)
+from tokensvc.policy import RefreshPolicy
 from tokensvc.registration import Credential, ServerSpec
-from tokensvc.store import Store
+from tokensvc.scheduler import Scheduler
+from tokensvc.store import ServerRecord, Store
 from tokensvc.token import Clock, ServerToken, Token, utcnow
 
 log = logging.getLogger(__name__)
@@ -38,6 +56,14 @@ class _Flight:
     replaces: int
 
 
+@dataclass(frozen=True, slots=True)
+class _Failing:
+    """Consecutive failures of a server, and until when a permanent one stands."""
+
+    count: int
+    event: FetchFailed
+
+
 class TokenManager:
     def __init__(
         self,
@@ -46,16 +72,49 @@ class TokenManager:
         *,
         clock: Clock = utcnow,
         min_valid_for: timedelta = timedelta(seconds=5),
+        policy: RefreshPolicy | None = None,
+        bus: EventBus | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._store = store
         self._fetch = fetch
         self._clock = clock
         self.min_valid_for = min_valid_for
+        self.policy = policy or RefreshPolicy()
+        self.bus = bus or EventBus()
+        self._rng = rng or random.Random()
+        self.scheduler = Scheduler(self._scheduled_refresh, clock)
         self._cache: dict[str, ServerToken] = {}
         self._flights: dict[str, _Flight] = {}
+        self._failing: dict[str, _Failing] = {}
+        self._fractions: dict[str, float] = {}
         # Bumped whenever a server's registration changes or it is deleted: a
         # refresh that saw another epoch must not publish what it fetched.
         self._epochs: dict[str, int] = {}
+
+    # lifecycle ---------------------------------------------------------------
+
+    async def start(self, run_scheduler: bool = True) -> None:
+        """Loads every stored token that is still valid and schedules each
+        server's next refresh (now, for servers without a usable token)."""
+        now = self._clock()
+        for record, stored in await self._store.load_all():
+            server_id = record.spec.id
+            self._fractions[server_id] = record.spec.refresh_fraction
+            if stored is not None and stored.token.expires_at > now:
+                self._cache[server_id] = stored
+                self.scheduler.schedule(server_id, self._refresh_time(stored))
+            else:
+                self.scheduler.schedule(server_id, now)
+        if run_scheduler:
+            self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+        flights = [flight.task for flight in self._flights.values()]
+        for task in flights:
+            task.cancel()
+        await asyncio.gather(*flights, return_exceptions=True)
 
     # the request path ------------------------------------------------------
 
@@ -75,25 +134,34 @@ class TokenManager:
         """
         wanted = self.min_valid_for if min_valid_for is None else min_valid_for
         cached = self._cache.get(server_id)
+        replaces = 0
         if cached is not None:
             rejected = bool(rejected_sha256) and cached.token.sha256 == rejected_sha256.lower()
             if not rejected and self._fresh_enough(cached, wanted):
                 return cached
             replaces = cached.version if rejected else 0
-        else:
-            replaces = 0
+        failing = self._failing.get(server_id)
+        if (
+            failing is not None
+            and failing.event.permanent
+            and failing.event.next_attempt is not None
+            and self._clock() < failing.event.next_attempt
+        ):
+            # A refused credential is not retried on every call: brokers get
+            # the refusal until the backoff ends or an admin changes it.
+            raise failing.event.error.with_traceback(None)
         return await self._join_refresh(server_id, replaces, wanted, rejected_sha256)
 
     def _fresh_enough(self, held: ServerToken, wanted: timedelta) -> bool:
         return held.token.valid_for(min(wanted, held.token.lifetime / 2), self._clock())
 
     async def _join_refresh(
-        self, server_id: str, replaces: int, wanted: timedelta, rejected_sha256: str
+        self, server_id: str, replaces: int, wanted: timedelta, rejected_sha256: str = ""
     ) -> ServerToken:
         flight = self._flights.get(server_id)
         if flight is None or flight.replaces < replaces:
             # A refresh running for an older reason may bring back the very
-            # token being reported; chain a new one behind it instead.
+            # token being replaced; chain a new one behind it instead.
             previous = flight.task if flight is not None else None
             task = asyncio.create_task(
                 self._refresh(server_id, replaces, wanted, rejected_sha256, previous),
@@ -128,26 +196,20 @@ class TokenManager:
         for _ in range(MAX_ROUNDS):
             epoch = self._epochs.get(server_id, 0)
             context = await self._store.load_for_fetch(server_id)
-            stored = context.token
+            stored, record = context.token, context.record
+            self._fractions[server_id] = record.spec.refresh_fraction
             if (
                 stored is not None
                 and stored.version > replaces
                 and stored.token.sha256 != rejected_sha256.lower()
                 and self._fresh_enough(stored, wanted)
             ):
-                self._remember(server_id, epoch, stored)
+                self._adopt(server_id, epoch, stored)
                 return stored
-            record = context.record
             try:
                 token = await self._fetch(record.spec, context.credential)
             except FetchError as exc:
-                log.warning(
-                    "token request failed",
-                    extra={"server_id": server_id, "reason": exc.reason, "error": exc.oauth.error},
-                )
-                await self._store.record_failure(
-                    server_id, record.incarnation, record.revision, exc
-                )
+                await self._failed(server_id, epoch, record, exc)
                 fallback = self._cache.get(server_id)
                 if (
                     fallback is not None
@@ -156,8 +218,11 @@ class TokenManager:
                 ):
                     return fallback  # outage: the token still valid is served until it expires
                 raise
+            next_refresh = self.policy.refresh_at(
+                token.issued_at, token.expires_at, self._rng, record.spec.refresh_fraction
+            )
             saved = await self._store.save_token(
-                server_id, record.incarnation, record.revision, token
+                server_id, record.incarnation, record.revision, token, next_refresh
             )
             if saved is None or self._epochs.get(server_id, 0) != epoch:
                 log.info(
@@ -171,26 +236,135 @@ class TokenManager:
                     "server_id": server_id,
                     "version": saved.version,
                     "expires_at": saved.token.expires_at.isoformat(),
+                    "next_refresh": next_refresh.isoformat(),
                 },
             )
-            self._remember(server_id, epoch, saved)
+            self._adopt(server_id, epoch, saved, next_refresh)
             return saved
         raise RegistrationChanged(server_id)
 
-    def _remember(self, server_id: str, epoch: int, held: ServerToken) -> None:
+    def _adopt(
+        self,
+        server_id: str,
+        epoch: int,
+        held: ServerToken,
+        next_refresh: datetime | None = None,
+    ) -> None:
+        """Makes ``held`` the current token, schedules its replacement and tells
+        watchers; unless the registration changed meanwhile, or it is older."""
         if self._epochs.get(server_id, 0) != epoch:
             return
         current = self._cache.get(server_id)
-        if current is None or held.version >= current.version:
-            self._cache[server_id] = held
+        if current is not None and held.version < current.version:
+            return
+        self._cache[server_id] = held
+        self._failing.pop(server_id, None)
+        self.scheduler.schedule(server_id, next_refresh or self._refresh_time(held))
+        if current is None or held.version > current.version:
+            self.bus.publish(TokenIssued(held))
+
+    def _refresh_time(self, held: ServerToken) -> datetime:
+        # Stable for a given token, so that every process (and a restart)
+        # agrees on it: the jitter is seeded by the token's version.
+        rng = random.Random(f"{held.server_id}:{held.version}")
+        return self.policy.refresh_at(
+            held.token.issued_at,
+            held.token.expires_at,
+            rng,
+            self._fractions.get(held.server_id, 0.0),
+        )
+
+    async def _failed(
+        self, server_id: str, epoch: int, record: ServerRecord, error: FetchError
+    ) -> None:
+        now = self._clock()
+        previous = self._failing.get(server_id)
+        count = previous.count + 1 if previous is not None else 1
+        next_attempt = now + self.policy.retry_in(error, count, self._rng)
+        held = self._cache.get(server_id)
+        current_expiry = held.token.expires_at if held and held.token.expires_at > now else None
+        event = FetchFailed(
+            server_id=server_id,
+            error=error,
+            time=now,
+            next_attempt=next_attempt,
+            current_expires_at=current_expiry,
+            permanent=not isinstance(error, TransientFetchError),
+        )
+        log.warning(
+            "token request failed",
+            extra={
+                "server_id": server_id,
+                "reason": error.reason,
+                "error": error.oauth.error,
+                "failures": count,
+                "next_attempt": next_attempt.isoformat(),
+            },
+        )
+        try:
+            await self._store.record_failure(
+                server_id, record.incarnation, record.revision, error, next_attempt
+            )
+        except StoreUnavailable:
+            log.warning("could not record the failure", extra={"server_id": server_id})
+        if self._epochs.get(server_id, 0) != epoch:
+            return
+        self._failing[server_id] = _Failing(count, event)
+        self.scheduler.schedule(server_id, next_attempt)
+        self.bus.publish(event)
+
+    async def _scheduled_refresh(self, server_id: str) -> None:
+        due = self.scheduler.due_at(server_id)
+        if due is not None and due > self._clock():
+            return  # rescheduled while this run waited for a slot: a caller refreshed it
+        held = self._cache.get(server_id)
+        await self._join_refresh(server_id, held.version if held else 0, self.min_valid_for)
 
     # registration changes -------------------------------------------------
 
-    def invalidate(self, server_id: str) -> None:
-        """The registration changed or the server is gone: forget its token,
-        and make any refresh in flight discard what it fetches."""
+    def registered(self, record: ServerRecord, revised: bool) -> None:
+        """An admin created or changed the server. A new revision voids the
+        held token: watchers are told, and a new one is fetched at once."""
+        server_id = record.spec.id
+        self._fractions[server_id] = record.spec.refresh_fraction
+        if revised:
+            had_token = server_id in self._cache
+            self._invalidate(server_id)
+            self._failing.pop(server_id, None)
+            if had_token or record.revision > 1:
+                self.bus.publish(TokenRevoked(server_id, record.revision))
+            self.scheduler.schedule(server_id, self._clock())
+        elif (held := self._cache.get(server_id)) is not None:
+            self.scheduler.schedule(server_id, self._refresh_time(held))
+
+    def removed(self, server_id: str) -> None:
+        self._invalidate(server_id)
+        self._failing.pop(server_id, None)
+        self._fractions.pop(server_id, None)
+        self.scheduler.cancel(server_id)
+        self.bus.publish(ServerRemoved(server_id))
+
+    def _invalidate(self, server_id: str) -> None:
         self._epochs[server_id] = self._epochs.get(server_id, 0) + 1
         self._cache.pop(server_id, None)
+
+    # watching -------------------------------------------------------------
+
+    def snapshot(self, server_ids: Collection[str] | None) -> list[Event]:
+        """The current state as events, for the start of a watch stream."""
+        now = self._clock()
+        known = set(self._fractions)
+        events: list[Event] = []
+        for server_id in sorted(server_ids if server_ids else known):
+            held = self._cache.get(server_id)
+            failing = self._failing.get(server_id)
+            if held is not None and held.token.expires_at > now:
+                events.append(TokenIssued(held))
+            elif failing is not None:
+                events.append(failing.event)
+            elif server_id not in known:
+                events.append(ServerRemoved(server_id))
+        return events
 
     def cached(self, server_id: str) -> ServerToken | None:
         return self._cache.get(server_id)

@@ -66,6 +66,8 @@ class Service:
     settings: Settings
     clock: Clock = utcnow
     fetcher: TokenFetcher | None = None
+    # Off in tests that drive the schedule themselves with a fake clock.
+    run_scheduler: bool = True
     port: int = 0
     store: Store | None = field(default=None, init=False)
     manager: TokenManager | None = field(default=None, init=False)
@@ -89,7 +91,9 @@ class Service:
             self.fetcher.fetch,
             clock=self.clock,
             min_valid_for=settings.default_min_valid_for,
+            policy=settings.refresh_policy,
         )
+        await self.manager.start(self.run_scheduler)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 1 << 20),
@@ -134,9 +138,13 @@ class Service:
         period, then closes the HTTP client and the database."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self.manager is not None:
+            self.manager.bus.close()  # watch streams end with OK; clients reconnect
         if self._server is not None:
             await self._server.stop(self.settings.grace_period if grace is None else grace)
             self._server = None
+        if self.manager is not None:
+            await self.manager.stop()
         if self.fetcher is not None:
             await self.fetcher.aclose()
         if self.store is not None:
@@ -147,12 +155,12 @@ class Service:
 
 async def serve(settings: Settings) -> None:
     """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    service = Service(settings)
-    await service.start()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    service = Service(settings)
+    await service.start()
     try:
         waiter = asyncio.create_task(service.wait())
         await asyncio.wait(

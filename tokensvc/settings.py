@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensvc.errors import ConfigurationError
+from tokensvc.policy import RefreshPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,10 @@ class Settings:
     default_token_lifetime: float = 300.0
     min_valid_for: float = 5.0
     grace_period: float = 10.0
+    refresh_fraction: float = 0.5
+    refresh_jitter: float = 0.05
+    backoff_cap: float = 30.0
+    permanent_backoff_cap: float = 3600.0
     log_format: str = "text"
     log_level: str = "info"
 
@@ -54,6 +59,18 @@ class Settings:
         return timedelta(seconds=self.min_valid_for)
 
     @property
+    def refresh_policy(self) -> RefreshPolicy:
+        return RefreshPolicy(
+            fraction=self.refresh_fraction,
+            jitter=self.refresh_jitter,
+            backoff_cap=timedelta(seconds=self.backoff_cap),
+            permanent_backoff_base=min(
+                timedelta(seconds=60), timedelta(seconds=self.permanent_backoff_cap)
+            ),
+            permanent_backoff_cap=timedelta(seconds=self.permanent_backoff_cap),
+        )
+
+    @property
     def default_lifetime(self) -> timedelta:
         return timedelta(seconds=self.default_token_lifetime)
 
@@ -72,6 +89,14 @@ class Settings:
         for name in ("http_timeout", "default_token_lifetime", "grace_period"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
+        if not 0.05 <= self.refresh_fraction <= 0.95:
+            raise ConfigurationError("refresh_fraction must be between 0.05 and 0.95")
+        if not 0 <= self.refresh_jitter <= 0.2:
+            raise ConfigurationError("refresh_jitter must be between 0 and 0.2")
+        if not 1 <= self.backoff_cap <= self.permanent_backoff_cap:
+            raise ConfigurationError(
+                "backoff_cap must be at least 1 and at most permanent_backoff_cap"
+            )
         if self.min_valid_for < 0:
             raise ConfigurationError("min_valid_for must not be negative")
         if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:

@@ -50,20 +50,20 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             validate_credential(credential, spec.auth_method)
         if request.expected_revision < -1:
             raise InvalidArgument("expected_revision", "must be -1, 0 or a revision number")
-        record, changed = await self._store.register(
+        result = await self._store.register(
             spec, credential, request.expected_revision, actor_of(context)
         )
-        if changed:
-            self._manager.invalidate(spec.id)
+        if result.changed:
+            self._manager.registered(result.record, result.revised)
             log.info(
                 "server registered",
                 extra={
                     "server_id": spec.id,
-                    "revision": record.revision,
+                    "revision": result.record.revision,
                     "actor": actor_of(context),
                 },
             )
-        return server_to_proto(record)
+        return server_to_proto(result.record)
 
     @handles_errors
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:
@@ -92,7 +92,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def DeleteServer(self, request: pb.DeleteServerRequest, context: Context) -> Empty:
         validate_server_id(request.id)
         await self._store.delete(request.id, actor_of(context))
-        self._manager.invalidate(request.id)
+        self._manager.removed(request.id)
         log.info("server deleted", extra={"server_id": request.id, "actor": actor_of(context)})
         return Empty()
 

@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tokensvc.errors import InvalidArgument
+from tokensvc.errors import FetchError, InvalidArgument
+from tokensvc.events import Event, FetchFailed, ServerRemoved, TokenIssued, TokenRevoked
 from tokensvc.registration import (
     AuthMethod,
     Credential,
@@ -67,6 +68,7 @@ def spec_from_proto(server: pb.Server) -> ServerSpec:
         resource=server.resource,
         audience=server.audience,
         extra_token_params=sorted_params(server.extra_token_params),
+        refresh_fraction=server.refresh_fraction,
     )
 
 
@@ -92,6 +94,7 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
         resource=spec.resource,
         audience=spec.audience,
         extra_token_params=dict(spec.extra_token_params),
+        refresh_fraction=spec.refresh_fraction,
         credential_set=record.credential_kind is not None,
         revision=record.revision,
         create_time=timestamp(record.create_time),
@@ -127,3 +130,41 @@ def token_to_proto(held: ServerToken) -> pb.Token:
         expires_at=timestamp(token.expires_at),
         version=held.version,
     )
+
+
+def fetch_error_to_proto(error: FetchError, time: datetime) -> pb.FetchError:
+    return pb.FetchError(
+        reason=error.reason,
+        error=error.oauth.error,
+        error_description=error.oauth.error_description or error.message,
+        time=timestamp(time),
+    )
+
+
+def event_to_proto(event: Event, sequence: int) -> pb.TokenEvent:
+    match event:
+        case TokenIssued(token=held):
+            return pb.TokenEvent(sequence=sequence, token=token_to_proto(held))
+        case FetchFailed():
+            return pb.TokenEvent(
+                sequence=sequence,
+                failed=pb.FetchFailed(
+                    server_id=event.server_id,
+                    error=fetch_error_to_proto(event.error, event.time),
+                    next_attempt_time=timestamp(event.next_attempt),
+                    current_expires_at=timestamp(event.current_expires_at),
+                    permanent=event.permanent,
+                ),
+            )
+        case TokenRevoked(server_id=server_id, revision=revision):
+            return pb.TokenEvent(
+                sequence=sequence,
+                revoked=pb.TokenRevoked(server_id=server_id, revision=revision),
+            )
+        case ServerRemoved(server_id=server_id):
+            return pb.TokenEvent(sequence=sequence, removed=pb.ServerRemoved(server_id=server_id))
+    raise TypeError(f"unknown event {type(event).__name__}")
+
+
+def synced(sequence: int) -> pb.TokenEvent:
+    return pb.TokenEvent(sequence=sequence, synced=pb.Synced())

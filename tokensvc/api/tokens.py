@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from tokensvc.api.convert import duration, token_to_proto
-from tokensvc.api.errors import Context, handles_errors
+from collections.abc import AsyncIterator
+
+from tokensvc.api.convert import duration, event_to_proto, synced, token_to_proto
+from tokensvc.api.errors import Context, abort, handles_errors
 from tokensvc.errors import InvalidArgument
+from tokensvc.events import TokenIssued
 from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
+
+MAX_WATCHED = 1000
+HEX = frozenset("0123456789abcdefABCDEF")
 
 
 class TokenServicer(pb_grpc.TokenServiceServicer):
@@ -19,9 +25,7 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
     async def GetToken(self, request: pb.GetTokenRequest, context: Context) -> pb.Token:
         validate_server_id(request.server_id, "server_id")
         rejected = request.rejected_token_sha256
-        if rejected and (
-            len(rejected) != 64 or not all(c in "0123456789abcdefABCDEF" for c in rejected)
-        ):
+        if rejected and (len(rejected) != 64 or not HEX.issuperset(rejected)):
             raise InvalidArgument(
                 "rejected_token_sha256", "must be the 64 hex digits of the token's SHA-256"
             )
@@ -31,3 +35,42 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             rejected,
         )
         return token_to_proto(held)
+
+    async def WatchTokens(
+        self, request: pb.WatchTokensRequest, context: Context
+    ) -> AsyncIterator[pb.TokenEvent]:
+        server_ids = list(dict.fromkeys(request.server_ids))
+        try:
+            if len(server_ids) > MAX_WATCHED:
+                raise InvalidArgument(
+                    "server_ids", f"watch at most {MAX_WATCHED} ids (or none: all)"
+                )
+            for i, server_id in enumerate(server_ids):
+                validate_server_id(server_id, f"server_ids[{i}]")
+        except InvalidArgument as exc:
+            await abort(context, exc)
+        bus = self._manager.bus
+        # Subscribe before taking the snapshot, so that no change falls between.
+        subscription = bus.subscribe(server_ids or None)
+        sent: dict[str, int] = {}  # newest token version sent, per server
+        sequence = 0
+        try:
+            for event in self._manager.snapshot(server_ids or None):
+                sequence += 1
+                if isinstance(event, TokenIssued):
+                    sent[event.server_id] = event.token.version
+                yield event_to_proto(event, sequence)
+            sequence += 1
+            yield synced(sequence)
+            while batch := await subscription.next_batch():
+                for event in batch:
+                    if isinstance(event, TokenIssued):
+                        if event.token.version <= sent.get(event.server_id, 0):
+                            continue  # already sent in the snapshot
+                        sent[event.server_id] = event.token.version
+                    else:
+                        sent.pop(event.server_id, None)
+                    sequence += 1
+                    yield event_to_proto(event, sequence)
+        finally:
+            bus.unsubscribe(subscription)

@@ -51,6 +51,60 @@ class Token(_message.Message):
     version: int
     def __init__(self, server_id: _Optional[str] = ..., access_token: _Optional[str] = ..., token_type: _Optional[str] = ..., scopes: _Optional[_Iterable[str]] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
+class WatchTokensRequest(_message.Message):
+    __slots__ = ("server_ids",)
+    SERVER_IDS_FIELD_NUMBER: _ClassVar[int]
+    server_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, server_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class TokenEvent(_message.Message):
+    __slots__ = ("sequence", "token", "failed", "removed", "synced", "revoked")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    SYNCED_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    token: Token
+    failed: FetchFailed
+    removed: ServerRemoved
+    synced: Synced
+    revoked: TokenRevoked
+    def __init__(self, sequence: _Optional[int] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., failed: _Optional[_Union[FetchFailed, _Mapping]] = ..., removed: _Optional[_Union[ServerRemoved, _Mapping]] = ..., synced: _Optional[_Union[Synced, _Mapping]] = ..., revoked: _Optional[_Union[TokenRevoked, _Mapping]] = ...) -> None: ...
+
+class FetchFailed(_message.Message):
+    __slots__ = ("server_id", "error", "next_attempt_time", "current_expires_at", "permanent")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    PERMANENT_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    error: FetchError
+    next_attempt_time: _timestamp_pb2.Timestamp
+    current_expires_at: _timestamp_pb2.Timestamp
+    permanent: bool
+    def __init__(self, server_id: _Optional[str] = ..., error: _Optional[_Union[FetchError, _Mapping]] = ..., next_attempt_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., current_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., permanent: _Optional[bool] = ...) -> None: ...
+
+class ServerRemoved(_message.Message):
+    __slots__ = ("server_id",)
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    def __init__(self, server_id: _Optional[str] = ...) -> None: ...
+
+class TokenRevoked(_message.Message):
+    __slots__ = ("server_id", "revision")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    revision: int
+    def __init__(self, server_id: _Optional[str] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class Synced(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class RegisterServerRequest(_message.Message):
     __slots__ = ("server", "client_secret", "private_key_pem", "expected_revision")
     SERVER_FIELD_NUMBER: _ClassVar[int]
@@ -64,7 +118,7 @@ class RegisterServerRequest(_message.Message):
     def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., client_secret: _Optional[str] = ..., private_key_pem: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
 
 class Server(_message.Message):
-    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "credential_set", "revision", "create_time", "update_time", "status")
+    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "credential_set", "revision", "create_time", "update_time", "status")
     class ExtraTokenParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +136,7 @@ class Server(_message.Message):
     RESOURCE_FIELD_NUMBER: _ClassVar[int]
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     EXTRA_TOKEN_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_FRACTION_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_SET_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -97,12 +152,13 @@ class Server(_message.Message):
     resource: str
     audience: str
     extra_token_params: _containers.ScalarMap[str, str]
+    refresh_fraction: float
     credential_set: bool
     revision: int
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     status: TokenStatus
-    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ...) -> None: ...
 
 class TokenStatus(_message.Message):
     __slots__ = ("expires_at", "last_fetch_time", "next_refresh_time", "last_error", "token_version")

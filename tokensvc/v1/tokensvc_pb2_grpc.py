@@ -41,6 +41,11 @@ class TokenServiceStub:
                 request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.GetTokenRequest.SerializeToString,
                 response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.Token.FromString,
                 _registered_method=True)
+        self.WatchTokens = channel.unary_stream(
+                '/tokensvc.v1.TokenService/WatchTokens',
+                request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.WatchTokensRequest.SerializeToString,
+                response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.TokenEvent.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -64,6 +69,38 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTokens(self, request, context):
+        """Streams the tokens of the watched servers as they rotate, so that a
+        broker always holds a valid token without asking.
+
+        Contract:
+        - First, the current state of each watched server: a `token` event for
+        each that has a valid token, a `failed` event for each whose last
+        refresh failed and has none, a `removed` event for each requested id
+        that is not registered. Then one `synced` event.
+        - Then every change as it happens: `token` on each rotation (version
+        grows), `failed` when a refresh fails (the previous token stays valid
+        until its expires_at; next_attempt_time says when tokensvc tries
+        again), `revoked` when the registration changed and the held token
+        must no longer be used (a new `token` follows as soon as it is
+        fetched), `removed` when the server is deleted.
+        - `sequence` starts at 1 and grows by one per message on this stream.
+        - Slow readers lose nothing that matters and hold back no one: tokensvc
+        keeps only the newest pending event per server for each stream, so its
+        memory per stream is bounded by the number of servers. (What gRPC has
+        already buffered toward a slow reader still arrives first.)
+        - An empty server_ids watches every server, including servers registered
+        later. An id that is not registered yet gets `removed` in the first
+        part and its tokens once it is registered.
+        - The stream ends with OK when tokensvc shuts down, and on any error:
+        reconnect with backoff; the new stream starts with the current state
+        again. Do not set a deadline on this call.
+        - Each message carries at most one server's token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -71,6 +108,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.GetToken,
                     request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.GetTokenRequest.FromString,
                     response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.Token.SerializeToString,
+            ),
+            'WatchTokens': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTokens,
+                    request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.WatchTokensRequest.FromString,
+                    response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.TokenEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -101,6 +143,33 @@ class TokenService:
             '/tokensvc.v1.TokenService/GetToken',
             tokensvc_dot_v1_dot_tokensvc__pb2.GetTokenRequest.SerializeToString,
             tokensvc_dot_v1_dot_tokensvc__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokensvc.v1.TokenService/WatchTokens',
+            tokensvc_dot_v1_dot_tokensvc__pb2.WatchTokensRequest.SerializeToString,
+            tokensvc_dot_v1_dot_tokensvc__pb2.TokenEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,240 @@
+"""The refresh schedule and the failure policy, driven by an injected clock:
+the policy's arithmetic, then the manager against a real authorization server."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tokensvc.crypto import KeyRing, generate_key_entry
+from tokensvc.demo.authserver import AuthServer, Behaviour
+from tokensvc.errors import (
+    AuthorizationServerUnavailable,
+    CredentialsRejected,
+    OAuthErrorFields,
+)
+from tokensvc.events import FetchFailed, Subscription, TokenIssued, TokenRevoked
+from tokensvc.manager import TokenManager
+from tokensvc.oauth import TokenFetcher
+from tokensvc.policy import MIN_REFRESH_INTERVAL, RefreshPolicy
+from tokensvc.registration import Credential, CredentialKind, ServerSpec
+from tokensvc.store import Store, create_engine, migrate
+from tokensvc.token import Secret
+
+from support import CLIENT_ID, SECRET, FakeClock
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "fraction", "jitter", "low", "high"),
+    [
+        (3600, 0.5, 0.05, 1620, 1980),  # half, give or take 5 % of the lifetime
+        (3600, 0.8, 0.0, 2880, 2880),
+        (4, 0.5, 0.05, 1.8, 2.2),  # short tokens work the same way
+        (0.1, 0.5, 0.0, 0.1, 0.1),  # never later than expiry, even with the floor
+        (1, 0.05, 0.2, 0.2, 0.25),  # never sooner than MIN_REFRESH_INTERVAL
+    ],
+)
+def test_refresh_comes_at_a_jittered_fraction_of_the_lifetime_and_before_expiry(
+    lifetime: float, fraction: float, jitter: float, low: float, high: float
+) -> None:
+    policy = RefreshPolicy(fraction=fraction, jitter=jitter)
+    rng = random.Random(7)
+    expires = T0 + timedelta(seconds=lifetime)
+    for _ in range(500):
+        when = policy.refresh_at(T0, expires, rng)
+        offset = (when - T0).total_seconds()
+        assert low - 1e-6 <= offset <= high + 1e-6
+        assert when <= expires
+        assert when - T0 >= min(MIN_REFRESH_INTERVAL, expires - T0)
+
+
+def test_jitter_spreads_tokens_issued_together() -> None:
+    policy = RefreshPolicy()
+    rng = random.Random(1)
+    times = {policy.refresh_at(T0, T0 + timedelta(hours=1), rng) for _ in range(100)}
+    assert len(times) > 90
+
+
+def test_a_per_server_fraction_overrides_the_default() -> None:
+    policy = RefreshPolicy(jitter=0)
+    when = policy.refresh_at(T0, T0 + timedelta(seconds=100), random.Random(), fraction=0.9)
+    assert when == T0 + timedelta(seconds=90)
+
+
+def test_transient_backoff_is_full_jitter_under_a_cap_and_honours_retry_after() -> None:
+    policy = RefreshPolicy()
+    rng = random.Random(3)
+    error = AuthorizationServerUnavailable("down")
+    for failures, ceiling in [(1, 1), (2, 2), (3, 4), (5, 16), (6, 30), (40, 30)]:
+        delays = [policy.retry_in(error, failures, rng).total_seconds() for _ in range(300)]
+        assert min(delays) >= 0 and max(delays) <= ceiling
+        assert max(delays) > ceiling * 0.8  # it does use the range
+    slow_down = AuthorizationServerUnavailable("429", retry_after=120)
+    assert policy.retry_in(slow_down, 1, rng) >= timedelta(seconds=120)
+
+
+def test_a_refused_credential_waits_much_longer_and_never_retries_at_once() -> None:
+    policy = RefreshPolicy()
+    rng = random.Random(5)
+    refused = CredentialsRejected("no", OAuthErrorFields("invalid_client"))
+    first = [policy.retry_in(refused, 1, rng) for _ in range(200)]
+    assert min(first) >= timedelta(seconds=30) and max(first) <= timedelta(seconds=60)
+    assert policy.retry_in(refused, 50, rng) <= timedelta(hours=1)
+
+
+# --- the manager on a fake clock -------------------------------------------------
+
+
+class World:
+    """A manager over a real store and a real authorization server, on a fake clock."""
+
+    def __init__(self, manager: TokenManager, auth: AuthServer, clock: FakeClock) -> None:
+        self.manager, self.auth, self.clock = manager, auth, clock
+        self.events: Subscription = manager.bus.subscribe()
+
+    async def register(self, server_id: str = "alpha", secret: str = SECRET) -> None:
+        spec = ServerSpec(
+            id=server_id,
+            mcp_url=f"http://127.0.0.1:9/{server_id}",
+            token_endpoint=self.auth.token_endpoint,
+            client_id=CLIENT_ID,
+        )
+        credential = Credential(CredentialKind.CLIENT_SECRET, Secret(secret))
+        result = await self.manager._store.register(spec, credential)
+        self.manager.registered(result.record, result.revised)
+
+    async def tick(self, seconds: float) -> list[str]:
+        self.clock.advance(seconds)
+        return await self.manager.scheduler.run_due()
+
+    def drain(self) -> list[object]:
+        batch = list(self.events._pending.values())
+        self.events._pending.clear()
+        return batch
+
+
+@pytest.fixture
+async def world(tmp_path: Path, auth: AuthServer) -> AsyncIterator[World]:
+    clock = FakeClock()
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    await migrate.upgrade(engine)
+    store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
+    fetcher = TokenFetcher(clock=clock)
+    manager = TokenManager(
+        store, fetcher.fetch, clock=clock, policy=RefreshPolicy(jitter=0), rng=random.Random(0)
+    )
+    await manager.start(run_scheduler=False)
+    auth.behaviour.lifetime = 100
+    try:
+        yield World(manager, auth, clock)
+    finally:
+        await manager.stop()
+        await fetcher.aclose()
+        await store.close()
+
+
+async def test_a_token_is_replaced_at_half_its_lifetime_and_watchers_are_told(world: World) -> None:
+    await world.register()
+    assert await world.tick(0) == ["alpha"]  # a new registration is fetched at once
+    first = world.manager.cached("alpha")
+    assert first is not None and first.version == 1
+    assert [type(e) for e in world.drain()] == [TokenIssued]
+    assert await world.tick(49) == []
+    assert world.auth.token_requests == 1
+    assert await world.tick(1) == ["alpha"]
+    second = world.manager.cached("alpha")
+    assert second is not None and second.version == 2
+    assert second.token.expires_at > first.token.expires_at
+    assert [e.token.version for e in world.drain() if isinstance(e, TokenIssued)] == [2]
+    assert world.manager.scheduler.due_at("alpha") == world.clock.now + timedelta(seconds=50)
+
+
+async def test_an_outage_longer_than_half_a_lifetime_serves_the_valid_token_then_recovers(
+    world: World,
+) -> None:
+    await world.register()
+    await world.tick(0)
+    first = world.manager.cached("alpha")
+    assert first is not None
+    world.auth.behaviour.fail_status = 500
+    await world.tick(50)  # due: fails
+    failed = [e for e in world.drain() if isinstance(e, FetchFailed)]
+    assert len(failed) == 1 and not failed[0].permanent
+    assert failed[0].current_expires_at == first.token.expires_at
+    # Retries back off, and the valid token keeps being served meanwhile.
+    for _ in range(6):
+        due = world.manager.scheduler.due_at("alpha")
+        assert due is not None and due - world.clock.now <= timedelta(seconds=30)
+        await world.tick((due - world.clock.now).total_seconds())
+        if world.clock.now < first.token.expires_at - timedelta(seconds=10):
+            assert (await world.manager.get_token("alpha")).version == 1
+    requests_during_outage = world.auth.token_requests
+    assert requests_during_outage <= 1 + 6 + 6  # backoff, not a loop
+    world.auth.behaviour.fail_status = None
+    due = world.manager.scheduler.due_at("alpha")
+    assert due is not None
+    await world.tick((due - world.clock.now).total_seconds())
+    recovered = world.manager.cached("alpha")
+    assert recovered is not None and recovered.version == 2
+
+
+async def test_a_token_past_expiry_is_never_served(world: World) -> None:
+    await world.register()
+    await world.tick(0)
+    world.auth.behaviour.fail_status = 503
+    world.clock.advance(100)
+    with pytest.raises(AuthorizationServerUnavailable):
+        await world.manager.get_token("alpha")
+
+
+async def test_a_refused_credential_is_not_hammered_and_a_new_one_retries_at_once(
+    world: World,
+) -> None:
+    await world.register(secret="not-the-secret")
+    await world.tick(0)
+    assert world.auth.token_requests == 1
+    failed = [e for e in world.drain() if isinstance(e, FetchFailed)]
+    assert failed and failed[0].permanent and failed[0].error.oauth.error == "invalid_client"
+    # Brokers keep asking; the refusal is answered without a request.
+    for _ in range(20):
+        with pytest.raises(CredentialsRejected):
+            await world.manager.get_token("alpha")
+        await world.tick(1)
+    assert world.auth.token_requests == 1
+    # The admin fixes the secret: tried at once.
+    await world.register(secret=SECRET)
+    assert [type(e) for e in world.drain()] == [TokenRevoked]
+    await world.tick(0)
+    assert world.auth.token_requests == 2
+    assert (await world.manager.get_token("alpha")).version == 1
+
+
+async def test_a_restart_reschedules_stored_tokens_without_fetching(
+    world: World, tmp_path: Path
+) -> None:
+    await world.register()
+    await world.tick(0)
+    fresh = TokenManager(world.manager._store, world.manager._fetch, clock=world.clock)
+    await fresh.start(run_scheduler=False)
+    try:
+        held = fresh.cached("alpha")
+        assert held is not None and held.version == 1
+        due = fresh.scheduler.due_at("alpha")
+        assert due is not None and world.clock.now < due < held.token.expires_at
+    finally:
+        await fresh.stop()
+    assert world.auth.token_requests == 1
+
+
+async def test_429_with_retry_after_is_honoured(world: World) -> None:
+    await world.register()
+    world.auth.behaviour = Behaviour(lifetime=100, fail_status=429, retry_after="90")
+    await world.tick(0)
+    due = world.manager.scheduler.due_at("alpha")
+    assert due is not None and due - world.clock.now >= timedelta(seconds=90)

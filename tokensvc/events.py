@@ -1,0 +1,122 @@
+"""EventBus: fans every token change out to the WatchTokens streams.
+
+The stream is state, not a log: a subscriber keeps only the newest pending
+event per server, so one that reads slowly (or not at all) costs memory
+bounded by the number of servers and never delays the publisher or the other
+subscribers. ``publish`` never awaits; writing to the network happens in each
+stream's own task, outside any lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime
+
+from tokensvc.errors import FetchError
+from tokensvc.token import ServerToken
+
+
+@dataclass(frozen=True, slots=True)
+class TokenIssued:
+    token: ServerToken
+
+    @property
+    def server_id(self) -> str:
+        return self.token.server_id
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    server_id: str
+    error: FetchError
+    time: datetime
+    next_attempt: datetime | None
+    current_expires_at: datetime | None
+    permanent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRevoked:
+    server_id: str
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRemoved:
+    server_id: str
+
+
+Event = TokenIssued | FetchFailed | TokenRevoked | ServerRemoved
+
+
+class Subscription:
+    """One stream's pending events, newest per server, in arrival order."""
+
+    def __init__(self, server_ids: Collection[str] | None) -> None:
+        self.server_ids = frozenset(server_ids) if server_ids else None
+        self._pending: dict[str, Event] = {}
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def wants(self, server_id: str) -> bool:
+        return self.server_ids is None or server_id in self.server_ids
+
+    def offer(self, event: Event) -> None:
+        # Re-inserting moves the server to the end: events leave in the order
+        # of their latest change.
+        self._pending.pop(event.server_id, None)
+        self._pending[event.server_id] = event
+        self._ready.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def next_batch(self) -> list[Event]:
+        """Waits for events and takes them all; an empty list means closed."""
+        while not self._pending and not self.closed:
+            self._ready.clear()
+            await self._ready.wait()
+        batch = list(self._pending.values())
+        self._pending.clear()
+        return [] if self.closed else batch
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._subscriptions: set[Subscription] = set()
+        self.closed = False
+
+    def subscribe(self, server_ids: Collection[str] | None = None) -> Subscription:
+        subscription = Subscription(server_ids)
+        if self.closed:
+            subscription.close()
+        else:
+            self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+        subscription.close()
+
+    def publish(self, event: Event) -> None:
+        for subscription in tuple(self._subscriptions):
+            if subscription.wants(event.server_id):
+                subscription.offer(event)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscriptions)
+
+    def close(self) -> None:
+        """Ends every stream (on shutdown: clients reconnect elsewhere)."""
+        self.closed = True
+        for subscription in tuple(self._subscriptions):
+            subscription.close()
+        self._subscriptions.clear()

@@ -1,0 +1,111 @@
+"""One scheduler for every server: a heap of due times, not a task per server.
+
+``schedule`` sets (or moves) a key's due time; the loop sleeps until the
+earliest one, or until woken by an earlier ``schedule``. Due keys run as tasks,
+at most ``concurrency`` at a time, so a thousand tokens issued together do not
+open a thousand connections at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from tokensvc.token import Clock
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        run: Callable[[str], Awaitable[None]],
+        clock: Clock,
+        *,
+        concurrency: int = 16,
+    ) -> None:
+        self._run = run
+        self._clock = clock
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._due: dict[str, datetime] = {}
+        self._counter = itertools.count()
+        self._wake = asyncio.Event()
+        self._limit = asyncio.Semaphore(concurrency)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+
+    def schedule(self, key: str, when: datetime) -> None:
+        self._due[key] = when
+        heapq.heappush(self._heap, (when, next(self._counter), key))
+        self._wake.set()
+
+    def cancel(self, key: str) -> None:
+        self._due.pop(key, None)  # its heap entry is skipped when it surfaces
+
+    def due_at(self, key: str) -> datetime | None:
+        return self._due.get(key)
+
+    def _next(self) -> datetime | None:
+        while self._heap:
+            when, _, key = self._heap[0]
+            if self._due.get(key) == when:
+                return when
+            heapq.heappop(self._heap)  # moved or cancelled
+        return None
+
+    def _pop_due(self) -> list[str]:
+        now = self._clock()
+        keys = []
+        while (when := self._next()) is not None and when <= now:
+            _, _, key = heapq.heappop(self._heap)
+            del self._due[key]
+            keys.append(key)
+        return keys
+
+    async def _guarded(self, key: str) -> None:
+        async with self._limit:
+            try:
+                await self._run(key)
+            except Exception as exc:  # the refresh records its own failures
+                log.debug(
+                    "scheduled run failed", extra={"key": key, "exc_type": type(exc).__name__}
+                )
+
+    def _spawn(self, key: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(key), name=f"scheduled:{key}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    async def run_due(self) -> list[str]:
+        """Runs every key due now and waits for them. (Tests with a fake clock
+        drive the schedule with this.)"""
+        keys = self._pop_due()
+        await asyncio.gather(*(self._spawn(key) for key in keys))
+        return keys
+
+    async def _loop_forever(self) -> None:
+        while True:
+            self._wake.clear()
+            for key in self._pop_due():
+                self._spawn(key)
+            when = self._next()
+            timeout = None if when is None else max(0.0, (when - self._clock()).total_seconds())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def start(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.create_task(self._loop_forever(), name="scheduler")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop, *self._running) if t is not None]
+        self._loop = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
