@@ -1,18 +1,24 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11+:
-#   make run    creates .venv, installs tokensvc, serves on 127.0.0.1:50051 (SQLite in ./data)
+#   make demo   creates .venv, installs tokensvc, shows the whole flow on loopback
 #   make test   creates .venv, installs tokensvc with test tools, runs the tests
+# and make run serves tokensvc on 127.0.0.1:50051 (SQLite in ./data).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint protos check-protos clean
+DEMO_ARGS ?=
+
+.PHONY: demo run test lint protos check-protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tokensvc demo $(DEMO_ARGS)
 
 run: $(STAMP)
 	$(BIN)/tokensvc serve --data-dir ./data

@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("keygen", help="print a new encryption key entry (id:base64key)")
 
+    demo = commands.add_parser(
+        "demo",
+        help="show the whole flow on loopback: authorization server, MCP server, "
+        "tokensvc and a broker calling a tool through rotating tokens",
+    )
+    demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
+    demo.add_argument("--lifetime", type=float, default=10.0, help="token lifetime in seconds")
+    demo.add_argument("--interval", type=float, default=1.0, help="seconds between tool calls")
+
     auth = commands.add_parser(
         "dev-authserver",
         help="run a local OAuth authorization server to try tokensvc with (not for production)",
@@ -144,6 +153,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keygen":
         print(generate_key_entry())
         return 0
+    if args.command == "demo":
+        from tokensvc.demo.run import run_demo
+
+        logs.configure("warning")
+        try:
+            return asyncio.run(run_demo(args.duration, args.lifetime, args.interval))
+        except KeyboardInterrupt:
+            return 130
     if args.command == "dev-authserver":
         logs.configure()
         asyncio.run(_dev_authserver(args))

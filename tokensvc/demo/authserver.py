@@ -14,20 +14,16 @@ it slow, failing or oddly shaped the way real authorization servers are.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import secrets
-import socket
 import time
 from collections import defaultdict
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import uvicorn
 from authlib.oauth2.rfc6749 import (
     AuthorizationServer,
     JsonPayload,
@@ -44,6 +40,8 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tokensvc.demo.loopback import LoopbackServer
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 FORM = "application/x-www-form-urlencoded"
@@ -204,14 +202,7 @@ class _OAuthServer(AuthorizationServer):  # type: ignore[misc]
         """No signal system here; nothing listens."""
 
 
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        # Embedded in someone else's process (pytest, tokensvc demo): signals are theirs.
-        yield
-
-
-class AuthServer:
+class AuthServer(LoopbackServer):
     """An OAuth 2.0 authorization server on a real loopback socket.
 
     ``url``, ``issuer``, ``token_endpoint`` and ``jwks_uri`` are known once
@@ -222,18 +213,15 @@ class AuthServer:
     def __init__(
         self, *, host: str = "127.0.0.1", port: int = 0, behaviour: Behaviour | None = None
     ) -> None:
+        super().__init__(host, port)
         self.behaviour = behaviour or Behaviour()
         self.token_requests = 0
         self.issued: list[str] = []
         self.last_form: dict[str, str] = {}
         self.last_headers: dict[str, str] = {}
-        self._host, self._port = host, port
         self._clients: dict[str, _Client] = {}
         self._key = RSAKey.generate_key(2048, {"alg": "RS256", "use": "sig"}, auto_kid=True)
         self._oauth = _OAuthServer(self)
-        self._base = ""
-        self._server: _Uvicorn | None = None
-        self._task: asyncio.Task[None] | None = None
         self._arrivals = asyncio.Condition()
         self.app = Starlette(
             routes=[
@@ -255,9 +243,9 @@ class AuthServer:
 
     @property
     def url(self) -> str:
-        if not self._base:
+        if not self.base_url:
             raise RuntimeError("AuthServer is not started")
-        return self._base
+        return self.base_url
 
     @property
     def issuer(self) -> str:
@@ -275,58 +263,11 @@ class AuthServer:
     def public_jwk(self) -> dict[str, Any]:
         return dict(self._key.as_dict(private=False))
 
-    async def start(self) -> None:
-        if self._task is not None:
-            raise RuntimeError("AuthServer is already started")
-        family, kind, proto, _, address = socket.getaddrinfo(
-            self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-            # Listening now: a request sent before uvicorn's first tick waits in the backlog.
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        host, port = sock.getsockname()[:2]
-        self._base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        config = uvicorn.Config(
-            self.app,
-            log_config=None,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-            http="h11",
-            ws="none",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = _Uvicorn(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        task, self._task, self._server = self._task, None, None
-        await task  # closes the socket; surfaces a crash of the server
-
-    async def __aenter__(self) -> AuthServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+    def build_app(self) -> Starlette:
+        return self.app
 
     def _issuer_of(self, request: Request) -> str:
-        return self._base or str(request.base_url).rstrip("/")
+        return self.base_url or str(request.base_url).rstrip("/")
 
     async def _token(self, request: Request) -> Response:
         body = await request.body()
