@@ -17,4 +17,12 @@ async def authserver() -> AsyncIterator[AuthServer]:
 
 
 # The fixtures of support.py (databases, stores, a running service).
-from support import auth, database_url, harness, key_entry, keyring, store  # noqa: E402, F401
+from support import (  # noqa: E402, F401
+    auth,
+    database_url,
+    harness,
+    key_entry,
+    keyring,
+    manual,
+    store,
+)

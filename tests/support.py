@@ -162,11 +162,13 @@ async def running_service(
     database_url: str = "",
     keys: str = "",
     clock: Clock = utcnow,
+    run_scheduler: bool | None = None,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
+    """A service; with a fake clock, its scheduler is left to the test."""
+    settings.setdefault("listen", "127.0.0.1:0")
     service = Service(
         Settings(
-            listen="127.0.0.1:0",
             data_dir=data_dir,
             database_url=database_url,
             keys=keys,
@@ -174,9 +176,15 @@ async def running_service(
             **settings,
         ).validate(),
         clock=clock,
+        run_scheduler=clock is utcnow if run_scheduler is None else run_scheduler,
     )
     await service.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+    # Its own connection: by default channels to one address share gRPC's global
+    # subchannel pool, and after a restart on the same port a new channel would
+    # inherit the refused connection's backoff and fail fast with UNAVAILABLE.
+    channel = grpc.aio.insecure_channel(
+        f"127.0.0.1:{service.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+    )
     try:
         yield Harness(
             service,
@@ -201,4 +209,11 @@ async def auth() -> AsyncIterator[AuthServer]:
 @pytest.fixture
 async def harness(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
     async with running_service(tmp_path / "data", auth) as h:
+        yield h
+
+
+@pytest.fixture
+async def manual(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
+    """A service whose scheduler does not run: only callers cause fetches."""
+    async with running_service(tmp_path / "data", auth, run_scheduler=False) as h:
         yield h

@@ -8,11 +8,12 @@ import grpc
 import pytest
 from google.protobuf.json_format import MessageToDict
 from sqlalchemy import func, select
-from support import SECRET, Harness, error_info, running_service
 
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.store.tables import audit_events, servers
 from tokensvc.v1 import tokensvc_pb2 as pb
+
+from support import SECRET, Harness, error_info, running_service
 
 
 async def test_a_registered_server_reads_back_without_its_secret(harness: Harness) -> None:
@@ -135,6 +136,7 @@ async def test_bad_registrations_name_the_field_and_change_nothing(
     harness: Harness, field: str, change: dict[str, object], hint: str
 ) -> None:
     await harness.register("keep")
+    await harness.tokens.GetToken(pb.GetTokenRequest(server_id="keep"))  # settles its status
     before = await _snapshot(harness)
     server_id = str(change.pop("id", "alpha"))
     with pytest.raises(grpc.aio.AioRpcError) as caught:

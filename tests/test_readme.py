@@ -93,17 +93,38 @@ async def test_the_readme_grpcurl_commands_work_verbatim(tmp_path: Path) -> None
         )
         output = (await asyncio.wait_for(script.communicate(), 120))[0].decode()
         assert script.returncode == 0, output
+        watch = await _run_stream_example(env)
+    # "weather" was deleted at the end of the block: the stream says so, then synced.
+    assert '"removed"' in watch and '"synced"' in watch, watch
     assert "tokensvc.v1.AdminService" in output and "tokensvc.v1.TokenService" in output
     objects = _json_objects(output)
     registered = [o for o in objects if o.get("id") == "weather" and "revision" in o]
     assert [o["revision"] for o in registered][:2] == ["1", "2"]
     tokens = [o for o in objects if "access_token" in o]
     assert len(tokens) == 2 and tokens[0]["access_token"] == tokens[1]["access_token"]
-    assert tokens[0]["token_type"] == "Bearer" and tokens[0]["version"] == "1"
+    assert tokens[0]["token_type"] == "Bearer" and int(tokens[0]["version"]) >= 1
     assert any(o.get("status") == "SERVING" for o in objects)
     assert "demo-secret" not in output
     log = "".join(service_log)
     assert "demo-secret" not in log and tokens[0]["access_token"] not in log
+
+
+async def _run_stream_example(env: dict[str, str]) -> str:
+    """The README's WatchTokens command, stopped after a few seconds as a reader would."""
+    text = (ROOT / "README.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("grpcurl") and "WatchTokens" in x)
+    process = await asyncio.create_subprocess_exec(
+        "bash",
+        "-c",
+        f"timeout 3 {line}",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out = (await asyncio.wait_for(process.communicate(), 60))[0].decode()
+    assert process.returncode == 124, out  # stopped by the timeout, not failed
+    return out
 
 
 def _json_objects(output: str) -> list[dict[str, object]]:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from support import SECRET, running_service
 
 from tokensvc import logs
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
+
+from support import SECRET, running_service
 
 WRONG_SECRET = "wrong-Secret:+%ü-9c2e"
 
@@ -49,20 +51,20 @@ async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(
     errors: list[str] = []
     responses: list[bytes] = []
     data_dir = tmp_path / "data"
-    async with running_service(data_dir, auth) as h:
+    async with running_service(data_dir, auth, run_scheduler=False) as h:
         responses.append((await h.register()).SerializeToString())
         responses.append((await h.register("other", secret=WRONG_SECRET)).SerializeToString())
         responses.append(
             (await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))).SerializeToString()
         )
         for behaviour in (
-            Behaviour(),  # the wrong secret: invalid_client
             Behaviour(fail_status=500),
             Behaviour(
                 fail_status=502,
                 fail_body="<html>" + SECRET + "</html>",
                 fail_content_type="text/html",
             ),
+            Behaviour(),  # the wrong secret: invalid_client (last: it is not retried at once)
         ):
             auth.behaviour = behaviour
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -74,6 +76,8 @@ async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(
         responses.append((await h.admin.ListServers(pb.ListServersRequest())).SerializeToString())
         on_disk_while_running = _data_files(data_dir)
     on_disk_after = _data_files(data_dir)
+    for path in (data_dir / "tokensvc.db", data_dir / "keys"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     tokens = [t for t in auth.issued]
     assert tokens, "the test must have fetched a token"
     log_text = "\n".join(

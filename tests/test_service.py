@@ -12,12 +12,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import inspect
-from support import Harness, create_pg_database, drop_pg_database, running_service
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.store import create_engine, migrate
 from tokensvc.v1 import tokensvc_pb2 as pb
+
+from support import Harness, create_pg_database, drop_pg_database, running_service
 
 TOKENSVC = str(Path(sys.executable).parent / "tokensvc")
 
