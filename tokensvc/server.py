@@ -4,26 +4,37 @@ with reflection, health and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import signal
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from sqlalchemy.engine import make_url
 
+from tokensvc import __version__
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.crypto import KeyRing, load_keyring
-from tokensvc.errors import ConfigurationError
+from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.registration import UrlPolicy
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
+from tokensvc.store.notify import Listener
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# How often the database is checked, for grpc.health.v1.
+STORE_CHECK_INTERVAL = 2.0
 
 SERVICE_NAMES = (
     tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
@@ -31,7 +42,9 @@ SERVICE_NAMES = (
 )
 
 
-async def open_store(settings: Settings, keyring: KeyRing, clock: Clock = utcnow) -> Store:
+async def open_store(
+    settings: Settings, keyring: KeyRing, clock: Clock = utcnow, origin: str = ""
+) -> Store:
     """Opens the database: SQLite is migrated in place; PostgreSQL must already
     be current (``tokensvc migrate``), since replicas must not race to migrate."""
     engine = create_engine(settings.effective_database_url)
@@ -40,7 +53,7 @@ async def open_store(settings: Settings, keyring: KeyRing, clock: Clock = utcnow
             await migrate.upgrade(engine)
         else:
             await migrate.require_current(engine)
-        store = Store(engine, keyring, clock)
+        store = Store(engine, keyring, clock, origin)
         await store.check_keys()
     except BaseException:
         await engine.dispose()
@@ -69,14 +82,27 @@ class Service:
     # Off in tests that drive the schedule themselves with a fake clock.
     run_scheduler: bool = True
     port: int = 0
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     store: Store | None = field(default=None, init=False)
     manager: TokenManager | None = field(default=None, init=False)
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _health: health.aio.HealthServicer | None = field(default=None, init=False)
+    _listener: Listener | None = field(default=None, init=False)
+    _monitor: asyncio.Task[None] | None = field(default=None, init=False)
+    _sqlite_lock: int | None = field(default=None, init=False)
 
     async def start(self) -> int:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
+
+    async def _start(self) -> int:
         settings = self.settings
-        self.store = await open_store(settings, keyring_for(settings), self.clock)
+        if settings.is_sqlite:
+            self._sqlite_lock = lock_sqlite(settings.effective_database_url)
+        self.store = await open_store(settings, keyring_for(settings), self.clock, self.replica_id)
         policy = UrlPolicy(allow_insecure_http=settings.allow_insecure_http)
         if self.fetcher is None:
             self.fetcher = TokenFetcher(
@@ -85,6 +111,7 @@ class Service:
                 default_lifetime=settings.default_lifetime,
                 url_policy=policy,
                 clock=self.clock,
+                user_agent=f"tokensvc/{__version__} ({self.replica_id})",
             )
         self.manager = TokenManager(
             self.store,
@@ -93,64 +120,147 @@ class Service:
             min_valid_for=settings.default_min_valid_for,
             policy=settings.refresh_policy,
         )
-        await self.manager.start(self.run_scheduler)
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", 1 << 20),
+                # Two processes on one port would split the calls between them.
                 ("grpc.so_reuseport", 0),
             ]
-        )
-        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self.manager), server)
-        tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.store, self.manager, policy), server
-        )
-        self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
         try:
             self.port = server.add_insecure_port(settings.listen)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            await self.store.close()
             raise ConfigurationError(
                 f"cannot listen on {settings.listen}: address in use or invalid"
             )
+        await self.manager.start(self.run_scheduler)
+        if self.store.shared:
+            self._listener = Listener(
+                settings.effective_database_url,
+                self.replica_id,
+                self.manager.apply,
+                self.manager.resync,
+            )
+            self._listener.start()
+        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self.manager), server)
+        tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
+            AdminServicer(self.store, self.manager, policy, self.fetcher.get, self.fetcher.fetch),
+            server,
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
         await server.start()
         self._server = server
         # SERVING only now: the store is open and the port bound.
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
         log.info(
             "tokensvc serving",
-            extra={"listen": settings.listen, "port": self.port, "sqlite": settings.is_sqlite},
+            extra={
+                "listen": settings.listen,
+                "port": self.port,
+                "sqlite": settings.is_sqlite,
+                "replica": self.replica_id,
+            },
         )
         return self.port
+
+    async def _set_health(self, serving: bool) -> None:
+        assert self._health is not None
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    async def _watch_store(self) -> None:
+        """NOT_SERVING while the database is unreachable (tokens still valid are
+        served from memory meanwhile); back to SERVING, and caught up, when it
+        returns. Nothing to restart by hand."""
+        assert self.store is not None and self.manager is not None
+        healthy = True
+        while True:
+            await asyncio.sleep(STORE_CHECK_INTERVAL)
+            try:
+                await asyncio.wait_for(self.store.ping(), STORE_CHECK_INTERVAL)
+                up = True
+            except (StoreUnavailable, TimeoutError):
+                up = False
+            if up == healthy:
+                continue
+            healthy = up
+            await self._set_health(up)
+            if up:
+                log.info("database reachable again: serving")
+                with contextlib.suppress(StoreUnavailable):
+                    await self.manager.resync()
+            else:
+                log.warning("database unreachable: NOT_SERVING, valid tokens served from memory")
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Reports NOT_SERVING, lets calls in progress finish within the grace
-        period, then closes the HTTP client and the database."""
+        """Reports NOT_SERVING, ends watch streams, lets calls in progress finish
+        within the grace period, then closes the HTTP client and the database."""
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
         if self.manager is not None:
             self.manager.bus.close()  # watch streams end with OK; clients reconnect
         if self._server is not None:
             await self._server.stop(self.settings.grace_period if grace is None else grace)
             self._server = None
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self.manager is not None:
             await self.manager.stop()
+            self.manager = None
         if self.fetcher is not None:
             await self.fetcher.aclose()
+            self.fetcher = None
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self._sqlite_lock is not None:
+            os.close(self._sqlite_lock)  # releases the lock
+            self._sqlite_lock = None
         log.info("tokensvc stopped")
+
+
+def lock_sqlite(url: str) -> int | None:
+    """One process per SQLite database: SQLite has no way to share tokens,
+    rotations or single flight between processes. PostgreSQL does."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    path = Path(database + ".lock")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigurationError(
+            f"{database} is already served by {holder}: SQLite serves one replica; "
+            "for several, use PostgreSQL (--database-url postgresql+asyncpg://...)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"tokensvc pid {os.getpid()}".encode())
+    return fd
 
 
 async def serve(settings: Settings) -> None:
