@@ -21,9 +21,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from tokensvc.errors import (
+    AuthorizationServerUnavailable,
+    CredentialsRejected,
     FetchError,
+    InvalidTokenResponse,
+    OAuthErrorFields,
     RegistrationChanged,
     StoreUnavailable,
+    TokenRequestRejected,
     TransientFetchError,
 )
 from tokensvc.events import (
@@ -37,7 +42,8 @@ from tokensvc.events import (
 from tokensvc.policy import RefreshPolicy
 from tokensvc.registration import Credential, ServerSpec
 from tokensvc.scheduler import Scheduler
-from tokensvc.store import ServerRecord, Store
+from tokensvc.store import LastError, ServerRecord, Store
+from tokensvc.store.notify import Change
 from tokensvc.token import Clock, ServerToken, Token, utcnow
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ Fetch = Callable[[ServerSpec, Credential], Awaitable[Token]]
 # A refresh that keeps meeting a newer registration gives up after this many
 # rounds rather than loop while an admin (or a reconciler gone wrong) edits.
 MAX_ROUNDS = 3
+# A scheduled refresh that could not reach the database is tried again after this.
+STORE_RETRY = timedelta(seconds=2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +95,8 @@ class TokenManager:
         self._cache: dict[str, ServerToken] = {}
         self._flights: dict[str, _Flight] = {}
         self._failing: dict[str, _Failing] = {}
-        self._fractions: dict[str, float] = {}
+        # The registered servers this process knows of, with their refresh fraction.
+        self._known: dict[str, float] = {}
         # Bumped whenever a server's registration changes or it is deleted: a
         # refresh that saw another epoch must not publish what it fetched.
         self._epochs: dict[str, int] = {}
@@ -100,10 +109,10 @@ class TokenManager:
         now = self._clock()
         for record, stored in await self._store.load_all():
             server_id = record.spec.id
-            self._fractions[server_id] = record.spec.refresh_fraction
+            self._known[server_id] = record.spec.refresh_fraction
             if stored is not None and stored.token.expires_at > now:
                 self._cache[server_id] = stored
-                self.scheduler.schedule(server_id, self._refresh_time(stored))
+                self.scheduler.schedule(server_id, self._refresh_at(server_id, stored.token))
             else:
                 self.scheduler.schedule(server_id, now)
         if run_scheduler:
@@ -193,63 +202,82 @@ class TokenManager:
             held = self._cache.get(server_id)
             if held is not None and held.version > replaces and self._fresh_enough(held, wanted):
                 return held
-        for _ in range(MAX_ROUNDS):
-            epoch = self._epochs.get(server_id, 0)
-            context = await self._store.load_for_fetch(server_id)
-            stored, record = context.token, context.record
-            self._fractions[server_id] = record.spec.refresh_fraction
-            if (
-                stored is not None
-                and stored.version > replaces
-                and stored.token.sha256 != rejected_sha256.lower()
-                and self._fresh_enough(stored, wanted)
-            ):
-                self._adopt(server_id, epoch, stored)
-                return stored
-            try:
-                token = await self._fetch(record.spec, context.credential)
-            except FetchError as exc:
-                await self._failed(server_id, epoch, record, exc)
-                fallback = self._cache.get(server_id)
-                if (
-                    fallback is not None
-                    and fallback.version > replaces
-                    and fallback.token.expires_at > self._clock()
-                ):
-                    return fallback  # outage: the token still valid is served until it expires
-                raise
-            next_refresh = self.policy.refresh_at(
-                token.issued_at, token.expires_at, self._rng, record.spec.refresh_fraction
-            )
-            saved = await self._store.save_token(
-                server_id, record.incarnation, record.revision, token, next_refresh
-            )
-            if saved is None or self._epochs.get(server_id, 0) != epoch:
-                log.info(
-                    "fetched token discarded: the registration changed meanwhile",
-                    extra={"server_id": server_id, "revision": record.revision},
-                )
-                continue
-            log.info(
-                "token fetched",
-                extra={
-                    "server_id": server_id,
-                    "version": saved.version,
-                    "expires_at": saved.token.expires_at.isoformat(),
-                    "next_refresh": next_refresh.isoformat(),
-                },
-            )
-            self._adopt(server_id, epoch, saved, next_refresh)
-            return saved
+        try:
+            for _ in range(MAX_ROUNDS):
+                # Across replicas, one at a time per server; a replica that
+                # waited here finds the token the other one stored, and takes it.
+                async with self._store.refresh_lock(server_id):
+                    held = await self._round(server_id, replaces, wanted, rejected_sha256)
+                if held is not None:
+                    return held
+        except StoreUnavailable:
+            fallback = self._cache.get(server_id)
+            if fallback is not None and fallback.token.expires_at > self._clock():
+                return fallback  # the database is down: serve from memory while valid
+            raise
         raise RegistrationChanged(server_id)
 
-    def _adopt(
-        self,
-        server_id: str,
-        epoch: int,
-        held: ServerToken,
-        next_refresh: datetime | None = None,
-    ) -> None:
+    async def _round(
+        self, server_id: str, replaces: int, wanted: timedelta, rejected_sha256: str
+    ) -> ServerToken | None:
+        """One attempt: the stored token if it will do, else a fetched one.
+        None: the registration changed meanwhile; try again."""
+        epoch = self._epochs.get(server_id, 0)
+        context = await self._store.load_for_fetch(server_id)
+        stored, record = context.token, context.record
+        self._known[server_id] = record.spec.refresh_fraction
+        if (
+            stored is not None
+            and stored.version > replaces
+            and stored.token.sha256 != rejected_sha256.lower()
+            and self._fresh_enough(stored, wanted)
+        ):
+            self._adopt(server_id, epoch, stored)
+            return stored
+        used = "current"
+        try:
+            try:
+                token = await self._fetch(record.effective_spec, context.credential)
+            except CredentialsRejected:
+                if context.previous is None:
+                    raise
+                # A secret being rotated: the new one is not live yet at the
+                # provider, the previous one (kept for this) still is.
+                token = await self._fetch(record.effective_spec, context.previous)
+                used = "previous"
+        except FetchError as exc:
+            await self._failed(server_id, epoch, record, exc)
+            fallback = self._cache.get(server_id)
+            if (
+                fallback is not None
+                and fallback.version > replaces
+                and fallback.token.expires_at > self._clock()
+            ):
+                return fallback  # outage: the token still valid is served until it expires
+            raise
+        next_refresh = self._refresh_at(server_id, token)
+        saved = await self._store.save_token(
+            server_id, record.incarnation, record.revision, token, next_refresh, used
+        )
+        if saved is None or self._epochs.get(server_id, 0) != epoch:
+            log.info(
+                "fetched token discarded: the registration changed meanwhile",
+                extra={"server_id": server_id, "revision": record.revision},
+            )
+            return None
+        log.info(
+            "token fetched",
+            extra={
+                "server_id": server_id,
+                "version": saved.version,
+                "expires_at": saved.token.expires_at.isoformat(),
+                "next_refresh": next_refresh.isoformat(),
+            },
+        )
+        self._adopt(server_id, epoch, saved)
+        return saved
+
+    def _adopt(self, server_id: str, epoch: int, held: ServerToken) -> None:
         """Makes ``held`` the current token, schedules its replacement and tells
         watchers; unless the registration changed meanwhile, or it is older."""
         if self._epochs.get(server_id, 0) != epoch:
@@ -259,19 +287,19 @@ class TokenManager:
             return
         self._cache[server_id] = held
         self._failing.pop(server_id, None)
-        self.scheduler.schedule(server_id, next_refresh or self._refresh_time(held))
+        self.scheduler.schedule(server_id, self._refresh_at(server_id, held.token))
         if current is None or held.version > current.version:
             self.bus.publish(TokenIssued(held))
 
-    def _refresh_time(self, held: ServerToken) -> datetime:
-        # Stable for a given token, so that every process (and a restart)
-        # agrees on it: the jitter is seeded by the token's version.
-        rng = random.Random(f"{held.server_id}:{held.version}")
+    def _refresh_at(self, server_id: str, token: Token) -> datetime:
+        # The same for a given token in every replica (and after a restart):
+        # the jitter is seeded by the token, so the fleet wakes together and
+        # one of them refreshes while the others wait for it at the lock.
         return self.policy.refresh_at(
-            held.token.issued_at,
-            held.token.expires_at,
-            rng,
-            self._fractions.get(held.server_id, 0.0),
+            token.issued_at,
+            token.expires_at,
+            random.Random(token.sha256),
+            self._known.get(server_id, 0.0),
         )
 
     async def _failed(
@@ -318,7 +346,11 @@ class TokenManager:
         if due is not None and due > self._clock():
             return  # rescheduled while this run waited for a slot: a caller refreshed it
         held = self._cache.get(server_id)
-        await self._join_refresh(server_id, held.version if held else 0, self.min_valid_for)
+        try:
+            await self._join_refresh(server_id, held.version if held else 0, self.min_valid_for)
+        except StoreUnavailable:
+            # Not the authorization server's fault: no backoff, try again soon.
+            self.scheduler.schedule(server_id, self._clock() + STORE_RETRY)
 
     # registration changes -------------------------------------------------
 
@@ -326,7 +358,7 @@ class TokenManager:
         """An admin created or changed the server. A new revision voids the
         held token: watchers are told, and a new one is fetched at once."""
         server_id = record.spec.id
-        self._fractions[server_id] = record.spec.refresh_fraction
+        self._known[server_id] = record.spec.refresh_fraction
         if revised:
             had_token = server_id in self._cache
             self._invalidate(server_id)
@@ -335,14 +367,74 @@ class TokenManager:
                 self.bus.publish(TokenRevoked(server_id, record.revision))
             self.scheduler.schedule(server_id, self._clock())
         elif (held := self._cache.get(server_id)) is not None:
-            self.scheduler.schedule(server_id, self._refresh_time(held))
+            self.scheduler.schedule(server_id, self._refresh_at(server_id, held.token))
 
     def removed(self, server_id: str) -> None:
         self._invalidate(server_id)
         self._failing.pop(server_id, None)
-        self._fractions.pop(server_id, None)
+        self._known.pop(server_id, None)
         self.scheduler.cancel(server_id)
         self.bus.publish(ServerRemoved(server_id))
+
+    # other replicas ----------------------------------------------------------
+
+    async def apply(self, change: Change) -> None:
+        """Another replica changed a server: read the row (a notification never
+        carries a token) and bring this process and its watchers up to date."""
+        server_id = change.server_id
+        if change.kind == "removed":
+            if server_id in self._known:
+                self.removed(server_id)
+        elif change.kind == "registered":
+            self.registered(await self._store.get_server(server_id), change.revised)
+        elif change.kind == "token":
+            held = await self._store.load_token(server_id)
+            if held is not None:
+                self._adopt(server_id, self._epochs.get(server_id, 0), held)
+        elif change.kind == "failed":
+            await self._failed_elsewhere(await self._store.get_server(server_id))
+
+    async def _failed_elsewhere(self, record: ServerRecord) -> None:
+        server_id, status = record.spec.id, record.status
+        if status.last_error is None:
+            return
+        error = error_of(status.last_error)
+        held = self._cache.get(server_id)
+        now = self._clock()
+        event = FetchFailed(
+            server_id=server_id,
+            error=error,
+            time=status.last_error.time,
+            next_attempt=status.next_refresh_time,
+            current_expires_at=held.token.expires_at
+            if held and held.token.expires_at > now
+            else None,
+            permanent=not isinstance(error, TransientFetchError),
+        )
+        previous = self._failing.get(server_id)
+        self._failing[server_id] = _Failing(previous.count + 1 if previous else 1, event)
+        if status.next_refresh_time is not None:
+            self.scheduler.schedule(server_id, status.next_refresh_time)
+        self.bus.publish(event)
+
+    async def resync(self) -> None:
+        """Catches up with everything the database says, after a time in which
+        notifications may have been lost (a listener reconnection)."""
+        now = self._clock()
+        seen = set()
+        for record, stored in await self._store.load_all():
+            server_id = record.spec.id
+            seen.add(server_id)
+            held = self._cache.get(server_id)
+            if held is not None and held.revision != record.revision:
+                self.registered(record, revised=True)  # changed while we were not told
+            elif server_id not in self._known:
+                self._known[server_id] = record.spec.refresh_fraction
+                self.scheduler.schedule(server_id, now)  # new to us; the stored token may do
+            if stored is not None and stored.token.expires_at > now:
+                self._adopt(server_id, self._epochs.get(server_id, 0), stored)
+        for server_id in set(self._known) - seen:
+            self.removed(server_id)
 
     def _invalidate(self, server_id: str) -> None:
         self._epochs[server_id] = self._epochs.get(server_id, 0) + 1
@@ -353,7 +445,7 @@ class TokenManager:
     def snapshot(self, server_ids: Collection[str] | None) -> list[Event]:
         """The current state as events, for the start of a watch stream."""
         now = self._clock()
-        known = set(self._fractions)
+        known = set(self._known)
         events: list[Event] = []
         for server_id in sorted(server_ids if server_ids else known):
             held = self._cache.get(server_id)
@@ -368,3 +460,20 @@ class TokenManager:
 
     def cached(self, server_id: str) -> ServerToken | None:
         return self._cache.get(server_id)
+
+
+def error_of(last: LastError) -> FetchError:
+    """A recorded failure as the error it was (for watchers on other replicas)."""
+    kinds: dict[str, type[FetchError]] = {
+        cls.reason: cls
+        for cls in (
+            CredentialsRejected,
+            TokenRequestRejected,
+            AuthorizationServerUnavailable,
+            InvalidTokenResponse,
+        )
+    }
+    cls = kinds.get(last.reason, AuthorizationServerUnavailable)
+    return cls(
+        last.error_description or last.reason, OAuthErrorFields(last.error, last.error_description)
+    )

@@ -34,6 +34,7 @@ from urllib.parse import quote_plus, urlencode
 import httpx2
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
 
+from tokensvc.discovery import Answer
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -44,7 +45,16 @@ from tokensvc.errors import (
     OAuthErrorFields,
     TokenRequestRejected,
 )
-from tokensvc.registration import AuthMethod, Credential, CredentialKind, ServerSpec, UrlPolicy
+from tokensvc.keys import client_assertion
+from tokensvc.registration import (
+    AssertionAudience,
+    AuthMethod,
+    Credential,
+    CredentialKind,
+    ServerSpec,
+    UrlPolicy,
+    choose_auth_method,
+)
 from tokensvc.token import Clock, Token, utcnow
 
 # A server may claim any lifetime; beyond this we refresh anyway (and a huge
@@ -52,6 +62,8 @@ from tokensvc.token import Clock, Token, utcnow
 MAX_LIFETIME = timedelta(days=366)
 MAX_ERROR = 64
 MAX_ERROR_DESCRIPTION = 256
+MAX_REDIRECTS = 3
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CREDENTIAL_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 # Error codes that say "later", whatever the status code they come with.
 TRANSIENT_ERRORS = frozenset({"server_error", "temporarily_unavailable", "slow_down"})
@@ -80,6 +92,7 @@ class TokenFetcher:
         url_policy: UrlPolicy = UrlPolicy(),  # noqa: B008 (frozen, so sharing is safe)
         clock: Clock = utcnow,
         transport: httpx2.AsyncBaseTransport | None = None,
+        user_agent: str = "tokensvc",
     ) -> None:
         self._timeout = timeout
         self._default_lifetime = default_lifetime
@@ -93,26 +106,47 @@ class TokenFetcher:
             trust_env=False,
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             # A compressed body would escape the size cap once decoded.
-            headers={"Accept-Encoding": "identity"},
+            headers={"Accept-Encoding": "identity", "User-Agent": user_agent},
         )
 
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
-        """One token request for ``spec``; raises only :class:`FetchError` subclasses."""
-        if spec.auth_method is AuthMethod.PRIVATE_KEY_JWT or (
-            credential.kind is not CredentialKind.CLIENT_SECRET
+        """One token request for ``spec`` (its token endpoint and auth method as
+        resolved, see ``effective``); raises only :class:`FetchError` subclasses."""
+        method = choose_auth_method(spec, credential.kind)
+        if (method is AuthMethod.PRIVATE_KEY_JWT) != (
+            credential.kind is CredentialKind.PRIVATE_KEY
         ):
-            raise TokenRequestRejected("private_key_jwt client authentication is not supported yet")
-        secret = credential.value.reveal()
-        result = await self._send(spec, secret)
+            raise TokenRequestRejected(
+                f"{method.value} cannot be used with a {credential.kind.value.replace('_', ' ')}: "
+                "register the credential that fits the auth method"
+            )
+        if method is AuthMethod.PRIVATE_KEY_JWT:
+            audience = spec.issuer or spec.token_endpoint
+            if spec.assertion_audience is AssertionAudience.TOKEN_ENDPOINT:
+                audience = spec.token_endpoint
+            # A bearer credential for five minutes: treated like a secret below.
+            secret = client_assertion(
+                credential.value.reveal(),
+                spec.client_id,
+                audience,
+                self._clock(),
+                spec.signing_alg,
+                spec.key_id,
+            )
+            auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
+        else:
+            secret = credential.value.reveal()
+            encoder: object = _encode_client_secret_basic
+            if method is AuthMethod.CLIENT_SECRET_POST:
+                encoder = "client_secret_post"  # authlib's own form-encodes correctly
+            auth = OAuth2ClientAuth(spec.client_id, secret, auth_method=encoder)
+        result = await self._send(spec, auth)
         if isinstance(result, FetchError):
             raise result  # here, outside any except block: no __context__ to leak
         return _read_response(result, spec, secret, self._clock(), self._default_lifetime)
 
-    async def _send(self, spec: ServerSpec, secret: str) -> httpx2.Response | FetchError:
+    async def _send(self, spec: ServerSpec, auth: OAuth2ClientAuth) -> httpx2.Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
-        method: object = _encode_client_secret_basic
-        if spec.auth_method is AuthMethod.CLIENT_SECRET_POST:
-            method = "client_secret_post"  # authlib's own form-encodes correctly
         try:
             async with asyncio.timeout(self._timeout):
                 try:
@@ -124,7 +158,7 @@ class TokenFetcher:
                 response: httpx2.Response = await self._client.fetch_token(
                     spec.token_endpoint,
                     grant_type="client_credentials",
-                    auth=OAuth2ClientAuth(spec.client_id, secret, auth_method=method),
+                    auth=auth,
                     # Extra params go in the body, never as keyword arguments,
                     # which authlib would take for its own (verify=, proxy=...).
                     body=urlencode(spec.extra_token_params),
@@ -142,6 +176,35 @@ class TokenFetcher:
         except Exception as exc:  # authlib and h11 have more; none may escape raw.
             return _unreachable(f"unexpected {type(exc).__name__}")
 
+    async def get(self, url: str, field: str) -> Answer:
+        """A GET for discovery: the URL policy on every hop, at most
+        MAX_REDIRECTS redirects, the size cap, the timeout. Failures are
+        InvalidArgument(field, why), never carrying a body."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                for _ in range(MAX_REDIRECTS + 1):
+                    await self._url_policy.check(field, url)
+                    response = await self._client.request(
+                        "GET", url, withhold_token=True, headers={"Accept": "application/json"}
+                    )
+                    if response.status_code not in (301, 302, 303, 307, 308):
+                        return Answer(
+                            response.status_code,
+                            {k.lower(): v for k, v in response.headers.items()},
+                            response.content,
+                        )
+                    url = str(response.url.join(response.headers.get("Location", "")))
+                failure = f"more than {MAX_REDIRECTS} redirects"
+        except InvalidArgument:
+            raise
+        except TimeoutError:
+            failure = f"no answer within {self._timeout:g} s"
+        except _ResponseRefused as exc:
+            failure = exc.reason
+        except Exception as exc:  # httpx2 and h11 errors: their kind, never their text
+            failure = _words(type(exc).__name__)
+        raise InvalidArgument(field, f"{url[:200]} could not be fetched: {failure}")
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -151,6 +214,26 @@ class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
         # Hand the response back untouched; _read_response parses it. (authlib
         # would also store it in self.token, shared state we do not want.)
         return resp
+
+
+def _assertion_auth(assertion: str) -> Any:
+    """RFC 7523 section 2.2 client authentication: the assertion in the body."""
+
+    def encode(client: Any, method: str, uri: str, headers: Any, body: Any) -> tuple[str, Any, Any]:
+        extra = urlencode(
+            {
+                "client_id": client.client_id,
+                "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": assertion,
+            }
+        )
+        if isinstance(body, bytes):
+            body = body.decode()
+        body = f"{body}&{extra}" if body else extra
+        headers["Content-Length"] = str(len(body))
+        return uri, headers, body
+
+    return encode
 
 
 def _encode_client_secret_basic(

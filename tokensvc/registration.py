@@ -16,8 +16,10 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from tokensvc.errors import HostNotResolved, InvalidArgument
+from tokensvc.keys import RSA_ALGS, check_private_key
 from tokensvc.token import Secret
 
+SIGNING_ALGS = (*RSA_ALGS, "ES256", "ES384", "ES512")
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 MAX_URL = 2048
 MAX_CLIENT_ID = 512
@@ -49,9 +51,16 @@ METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254")})
 
 
 class AuthMethod(StrEnum):
+    UNSPECIFIED = ""  # chosen from discovery and the credential
     CLIENT_SECRET_BASIC = "client_secret_basic"
     CLIENT_SECRET_POST = "client_secret_post"
     PRIVATE_KEY_JWT = "private_key_jwt"
+
+
+class AssertionAudience(StrEnum):
+    UNSPECIFIED = ""  # the issuer when known, else the token endpoint
+    ISSUER = "issuer"
+    TOKEN_ENDPOINT = "token_endpoint"
 
 
 class CredentialKind(StrEnum):
@@ -74,7 +83,7 @@ class ServerSpec:
     token_endpoint: str
     client_id: str
     issuer: str = ""
-    auth_method: AuthMethod = AuthMethod.CLIENT_SECRET_BASIC
+    auth_method: AuthMethod = AuthMethod.UNSPECIFIED
     scopes: tuple[str, ...] = ()
     resource: str = ""
     audience: str = ""
@@ -82,6 +91,10 @@ class ServerSpec:
     # When to refresh, as a share of the lifetime; 0: the service default.
     # Not part of what a token is fetched with, so changing it keeps the revision.
     refresh_fraction: float = 0.0
+    # private_key_jwt only.
+    key_id: str = ""
+    signing_alg: str = ""
+    assertion_audience: AssertionAudience = AssertionAudience.UNSPECIFIED
 
     @property
     def effective_resource(self) -> str:
@@ -94,7 +107,7 @@ class ServerSpec:
 
 # Fields a token is not fetched with: changing them keeps the revision (and
 # the token). Any other change, the credential's included, bumps it.
-NON_REVISION_FIELDS = frozenset({"refresh_fraction"})
+NON_REVISION_FIELDS = frozenset({"refresh_fraction", "previous_credential"})
 
 
 def sorted_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
@@ -220,9 +233,10 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
     """Validates every field; raises InvalidArgument naming the first bad one."""
     validate_server_id(spec.id, prefix + "id")
     await policy.check(prefix + "mcp_url", spec.mcp_url)
-    await policy.check(prefix + "token_endpoint", spec.token_endpoint)
+    if spec.token_endpoint:
+        await policy.check(prefix + "token_endpoint", spec.token_endpoint)
     if spec.issuer:
-        policy.check_syntax(prefix + "issuer", spec.issuer)
+        await policy.check(prefix + "issuer", spec.issuer)
     if spec.resource:
         policy.check_syntax(prefix + "resource", spec.resource)
     if not spec.client_id:
@@ -249,6 +263,19 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
                 name, f"{key!r} is set by tokensvc; use the server field of that name instead"
             )
         _check_text(name, value, MAX_PARAM_VALUE, "value")
+    _check_text(prefix + "key_id", spec.key_id, MAX_CLIENT_ID, "key id")
+    if spec.signing_alg and spec.signing_alg not in SIGNING_ALGS:
+        raise InvalidArgument(
+            prefix + "signing_alg",
+            f"must be one of {', '.join(SIGNING_ALGS)} (or empty: from the key)",
+        )
+    if spec.auth_method in (AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST) and (
+        spec.key_id or spec.signing_alg or spec.assertion_audience
+    ):
+        raise InvalidArgument(
+            prefix + "key_id",
+            "key_id, signing_alg and assertion_audience apply to private_key_jwt only",
+        )
     if spec.refresh_fraction and not 0.05 <= spec.refresh_fraction <= 0.95:
         raise InvalidArgument(
             prefix + "refresh_fraction",
@@ -257,14 +284,14 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
     return spec
 
 
-def validate_credential(credential: Credential, auth_method: AuthMethod) -> Credential:
+def validate_credential(credential: Credential, spec: ServerSpec) -> Credential:
     value = credential.value.reveal()
     if credential.kind is CredentialKind.CLIENT_SECRET:
         if not value:
             raise InvalidArgument("client_secret", "is empty: give the client secret, or omit it")
         if len(value) > MAX_SECRET:
             raise InvalidArgument("client_secret", f"is longer than {MAX_SECRET} characters")
-        if auth_method is AuthMethod.PRIVATE_KEY_JWT:
+        if spec.auth_method is AuthMethod.PRIVATE_KEY_JWT:
             raise InvalidArgument(
                 "client_secret",
                 "auth_method is private_key_jwt, which needs private_key_pem instead",
@@ -272,8 +299,24 @@ def validate_credential(credential: Credential, auth_method: AuthMethod) -> Cred
         return credential
     if len(value) > MAX_PRIVATE_KEY:
         raise InvalidArgument("private_key_pem", f"is longer than {MAX_PRIVATE_KEY} characters")
-    raise InvalidArgument(
-        "private_key_pem",
-        "private_key_jwt is not supported by this version yet: use client_secret "
-        "with client_secret_basic or client_secret_post",
-    )
+    if spec.auth_method in (AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST):
+        raise InvalidArgument(
+            "private_key_pem",
+            f"auth_method is {spec.auth_method.value}, which needs client_secret instead",
+        )
+    check_private_key(value, spec.signing_alg)
+    return credential
+
+
+def choose_auth_method(
+    spec: ServerSpec, kind: CredentialKind | None, supported: tuple[str, ...] = ()
+) -> AuthMethod:
+    """The registered method, or the best one the authorization server offers
+    for this credential (private_key_jwt for a key; else basic, else post)."""
+    if spec.auth_method is not AuthMethod.UNSPECIFIED:
+        return spec.auth_method
+    if kind is CredentialKind.PRIVATE_KEY:
+        return AuthMethod.PRIVATE_KEY_JWT
+    if supported and "client_secret_basic" not in supported and "client_secret_post" in supported:
+        return AuthMethod.CLIENT_SECRET_POST
+    return AuthMethod.CLIENT_SECRET_BASIC

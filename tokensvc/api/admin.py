@@ -8,10 +8,17 @@ import logging
 
 from google.protobuf.empty_pb2 import Empty
 
-from tokensvc.api.convert import credential_from_proto, server_to_proto, spec_from_proto
+from tokensvc.api.convert import (
+    credential_from_proto,
+    server_to_proto,
+    spec_from_proto,
+    step_to_proto,
+)
 from tokensvc.api.errors import Context, handles_errors
+from tokensvc.discovery import Getter, discover, needs_discovery
 from tokensvc.errors import InvalidArgument
-from tokensvc.manager import TokenManager
+from tokensvc.manager import Fetch, TokenManager
+from tokensvc.probe import probe
 from tokensvc.registration import (
     UrlPolicy,
     validate_credential,
@@ -33,10 +40,19 @@ def actor_of(context: Context) -> str:
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
-    def __init__(self, store: Store, manager: TokenManager, url_policy: UrlPolicy) -> None:
+    def __init__(
+        self,
+        store: Store,
+        manager: TokenManager,
+        url_policy: UrlPolicy,
+        get: Getter,
+        fetch: Fetch,
+    ) -> None:
         self._store = store
         self._manager = manager
         self._url_policy = url_policy
+        self._get = get
+        self._fetch = fetch
 
     @handles_errors
     async def RegisterServer(
@@ -47,11 +63,24 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         spec = await validate_spec(spec_from_proto(request.server), self._url_policy)
         credential = credential_from_proto(request)
         if credential is not None:
-            validate_credential(credential, spec.auth_method)
+            validate_credential(credential, spec)
         if request.expected_revision < -1:
             raise InvalidArgument("expected_revision", "must be -1, 0 or a revision number")
+        found = None
+        if needs_discovery(spec):
+            found = await discover(spec, self._get, self._url_policy)
+        if request.keep_previous_credential and request.drop_previous_credential:
+            raise InvalidArgument(
+                "keep_previous_credential", "cannot be set together with drop_previous_credential"
+            )
+        if request.keep_previous_credential and credential is None:
+            raise InvalidArgument(
+                "keep_previous_credential", "needs a new client_secret or private_key_pem"
+            )
+        previous = "keep" if request.keep_previous_credential else ""
+        previous = "drop" if request.drop_previous_credential else previous
         result = await self._store.register(
-            spec, credential, request.expected_revision, actor_of(context)
+            spec, credential, request.expected_revision, actor_of(context), found, previous
         )
         if result.changed:
             self._manager.registered(result.record, result.revised)
@@ -64,6 +93,45 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 },
             )
         return server_to_proto(result.record)
+
+    @handles_errors
+    async def TestServer(
+        self, request: pb.TestServerRequest, context: Context
+    ) -> pb.TestServerResponse:
+        target = request.WhichOneof("target")
+        if target == "id":
+            validate_server_id(request.id)
+            loaded = await self._store.load_for_fetch(request.id)
+            spec, credential = loaded.record.spec, loaded.credential
+            discovery = loaded.record.discovery
+        elif target == "registration":
+            registration = request.registration
+            spec = await validate_spec(
+                spec_from_proto(registration.server), self._url_policy, "registration.server."
+            )
+            given = credential_from_proto(registration)
+            if given is None:
+                raise InvalidArgument(
+                    "registration.client_secret", "is required: the credential to test"
+                )
+            credential = validate_credential(given, spec)
+            discovery = None
+        else:
+            raise InvalidArgument("id", "give the id of a stored server, or a registration")
+        steps = await probe(
+            spec,
+            credential,
+            discovery,
+            fetch=self._fetch,
+            get=self._get,
+            policy=self._url_policy,
+            call_mcp=request.call_mcp,
+        )
+        ok = all(step.ok for step in steps)
+        await self._store.audit(
+            actor_of(context), "test", spec.id, ok=ok, steps=[s.name for s in steps if s.ok]
+        )
+        return pb.TestServerResponse(ok=ok, steps=[step_to_proto(step) for step in steps])
 
     @handles_errors
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:

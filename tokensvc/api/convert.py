@@ -9,7 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokensvc.errors import FetchError, InvalidArgument
 from tokensvc.events import Event, FetchFailed, ServerRemoved, TokenIssued, TokenRevoked
+from tokensvc.probe import Step
 from tokensvc.registration import (
+    AssertionAudience,
     AuthMethod,
     Credential,
     CredentialKind,
@@ -21,16 +23,25 @@ from tokensvc.token import Secret, ServerToken
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 AUTH_METHODS = {
-    pb.CLIENT_AUTH_METHOD_UNSPECIFIED: AuthMethod.CLIENT_SECRET_BASIC,
+    pb.CLIENT_AUTH_METHOD_UNSPECIFIED: AuthMethod.UNSPECIFIED,
     pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: AuthMethod.CLIENT_SECRET_BASIC,
     pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: AuthMethod.CLIENT_SECRET_POST,
     pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: AuthMethod.PRIVATE_KEY_JWT,
 }
 AUTH_METHOD_PROTO = {
+    AuthMethod.UNSPECIFIED: pb.CLIENT_AUTH_METHOD_UNSPECIFIED,
     AuthMethod.CLIENT_SECRET_BASIC: pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC,
     AuthMethod.CLIENT_SECRET_POST: pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST,
     AuthMethod.PRIVATE_KEY_JWT: pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT,
 }
+
+
+AUDIENCES = {
+    pb.ASSERTION_AUDIENCE_UNSPECIFIED: AssertionAudience.UNSPECIFIED,
+    pb.ASSERTION_AUDIENCE_ISSUER: AssertionAudience.ISSUER,
+    pb.ASSERTION_AUDIENCE_TOKEN_ENDPOINT: AssertionAudience.TOKEN_ENDPOINT,
+}
+AUDIENCE_PROTO = {value: key for key, value in AUDIENCES.items()}
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -54,8 +65,13 @@ def spec_from_proto(server: pb.Server) -> ServerSpec:
     if server.auth_method not in AUTH_METHODS:
         raise InvalidArgument(
             "server.auth_method",
-            "unknown method: use CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC or "
-            "CLIENT_AUTH_METHOD_CLIENT_SECRET_POST",
+            "unknown method: use CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC, "
+            "CLIENT_AUTH_METHOD_CLIENT_SECRET_POST or CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT",
+        )
+    if server.assertion_audience not in AUDIENCES:
+        raise InvalidArgument(
+            "server.assertion_audience",
+            "unknown audience: use ASSERTION_AUDIENCE_ISSUER or ASSERTION_AUDIENCE_TOKEN_ENDPOINT",
         )
     return ServerSpec(
         id=server.id,
@@ -69,6 +85,9 @@ def spec_from_proto(server: pb.Server) -> ServerSpec:
         audience=server.audience,
         extra_token_params=sorted_params(server.extra_token_params),
         refresh_fraction=server.refresh_fraction,
+        key_id=server.key_id,
+        signing_alg=server.signing_alg,
+        assertion_audience=AUDIENCES[server.assertion_audience],
     )
 
 
@@ -95,7 +114,13 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
         audience=spec.audience,
         extra_token_params=dict(spec.extra_token_params),
         refresh_fraction=spec.refresh_fraction,
+        key_id=spec.key_id,
+        signing_alg=spec.signing_alg,
+        assertion_audience=AUDIENCE_PROTO[spec.assertion_audience],
+        effective_auth_method=AUTH_METHOD_PROTO[record.effective_spec.auth_method],
         credential_set=record.credential_kind is not None,
+        previous_credential_set=record.previous_credential,
+        credential_in_use=record.credential_in_use,
         revision=record.revision,
         create_time=timestamp(record.create_time),
         update_time=timestamp(record.update_time),
@@ -106,6 +131,18 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
             token_version=status.token_version,
         ),
     )
+    if record.discovery is not None:
+        found = record.discovery
+        out.discovery.CopyFrom(
+            pb.Discovery(
+                issuer=found.issuer,
+                token_endpoint=found.token_endpoint,
+                token_endpoint_auth_methods_supported=found.auth_methods_supported,
+                resource_metadata_url=found.resource_metadata_url,
+                metadata_url=found.metadata_url,
+                discover_time=timestamp(found.time),
+            )
+        )
     if status.last_error is not None:
         error = status.last_error
         out.status.last_error.CopyFrom(
@@ -168,3 +205,17 @@ def event_to_proto(event: Event, sequence: int) -> pb.TokenEvent:
 
 def synced(sequence: int) -> pb.TokenEvent:
     return pb.TokenEvent(sequence=sequence, synced=pb.Synced())
+
+
+def step_to_proto(step: Step) -> pb.TestStep:
+    result = pb.TestStep(
+        name=step.name,
+        ok=step.ok,
+        detail=step.detail,
+        reason=step.reason,
+        error=step.error,
+        http_status=step.http_status,
+        tool_count=step.tool_count,
+    )
+    result.duration.FromTimedelta(timedelta(seconds=round(step.seconds, 3)))
+    return result

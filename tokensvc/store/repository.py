@@ -12,17 +12,18 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from tokensvc.crypto import KeyRing, associated_data, key_id_of
+from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     ConfigurationError,
     FetchError,
@@ -33,12 +34,15 @@ from tokensvc.errors import (
 )
 from tokensvc.registration import (
     NON_REVISION_FIELDS,
+    AssertionAudience,
     AuthMethod,
     Credential,
     CredentialKind,
     ServerSpec,
+    choose_auth_method,
     sorted_params,
 )
+from tokensvc.store.notify import CHANNEL, Change
 from tokensvc.store.tables import audit_events, servers, tokens
 from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
 
@@ -69,6 +73,23 @@ class ServerRecord:
     create_time: datetime
     update_time: datetime
     status: ServerStatus
+    discovery: Discovery | None = None
+    previous_credential: bool = False
+    credential_in_use: str = ""
+
+    @property
+    def effective_spec(self) -> ServerSpec:
+        """What a token is fetched with: the registration, completed by
+        discovery (token endpoint, issuer) and the auth method chosen."""
+        spec, found = self.spec, self.discovery
+        return replace(
+            spec,
+            token_endpoint=spec.token_endpoint or (found.token_endpoint if found else ""),
+            issuer=spec.issuer or (found.issuer if found else ""),
+            auth_method=choose_auth_method(
+                spec, self.credential_kind, found.auth_methods_supported if found else ()
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +107,7 @@ class FetchContext:
     record: ServerRecord
     credential: Credential
     token: ServerToken | None
+    previous: Credential | None = None  # the fallback kept by keep_previous_credential
 
 
 def _spec_of(row: Row[Any]) -> ServerSpec:
@@ -101,6 +123,9 @@ def _spec_of(row: Row[Any]) -> ServerSpec:
         audience=row.audience,
         extra_token_params=sorted_params(json.loads(row.extra_token_params)),
         refresh_fraction=row.refresh_fraction,
+        key_id=row.key_id,
+        signing_alg=row.signing_alg,
+        assertion_audience=AssertionAudience(row.assertion_audience),
     )
 
 
@@ -116,12 +141,18 @@ def _spec_columns(spec: ServerSpec) -> dict[str, Any]:
         "audience": spec.audience,
         "extra_token_params": json.dumps(dict(spec.extra_token_params)),
         "refresh_fraction": spec.refresh_fraction,
+        "key_id": spec.key_id,
+        "signing_alg": spec.signing_alg,
+        "assertion_audience": spec.assertion_audience.value,
     }
 
 
 def _changed_fields(old: ServerSpec, new: ServerSpec) -> list[str]:
     return [name for name in ServerSpec.__slots__ if getattr(old, name) != getattr(new, name)]
 
+
+# The first key of tokensvc's advisory locks (the second is the server id's hash).
+LOCK_SPACE = 0x746B73  # "tks"
 
 NO_ERROR: dict[str, Any] = {
     "last_error_reason": None,
@@ -145,10 +176,19 @@ def _bumps_revision(fields: list[str]) -> bool:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine, keyring: KeyRing, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        keyring: KeyRing,
+        clock: Clock = utcnow,
+        origin: str = "",
+    ) -> None:
         self.engine = engine
         self.keyring = keyring
         self.clock = clock
+        # Who writes: the replica id that changes are announced under.
+        self.origin = origin
+        self.shared = engine.dialect.name == "postgresql"
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -159,21 +199,66 @@ class Store:
         try:
             async with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, InterfaceError, OSError, ConnectionError) as exc:
+        except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
         except DBAPIError as exc:
             if exc.connection_invalidated:
                 raise StoreUnavailable("the database connection was lost") from None
             raise
 
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def _announce(
+        self,
+        conn: AsyncConnection,
+        kind: str,
+        server_id: str,
+        number: int = 0,
+        revised: bool = False,
+    ) -> None:
+        """Tells the other replicas, when this transaction commits (PostgreSQL)."""
+        if self.shared:
+            change = Change(self.origin, kind, server_id, number, revised)
+            await conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": CHANNEL, "payload": change.payload()},
+            )
+
+    @asynccontextmanager
+    async def refresh_lock(self, server_id: str) -> AsyncIterator[None]:
+        """Held around a token request, so that one replica at a time asks for a
+        server's token (PostgreSQL; one process needs nothing more).
+
+        A transaction-scoped advisory lock rather than a lease row: a replica
+        that dies mid-request (even SIGKILL) drops its connection and the lock
+        with it, so another takes over at once instead of waiting for a lease to
+        expire, and a waiter is woken by PostgreSQL rather than polling. The
+        price is a pooled connection held for the length of the request (at
+        most the HTTP timeout), one per server being refreshed: the manager's
+        in-process single flight and the scheduler's concurrency bound that.
+        """
+        if not self.shared:
+            yield
+            return
+        async with self._tx() as conn:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:space, hashtext(:id))"),
+                {"space": LOCK_SPACE, "id": server_id},
+            )
+            yield
+
     # encryption boundary -------------------------------------------------
 
-    def _seal_credential(self, server_id: str, credential: Credential) -> bytes:
-        aad = associated_data("servers", server_id, "credential:" + credential.kind.value)
+    def _seal_credential(self, server_id: str, credential: Credential, slot: str = "") -> bytes:
+        aad = associated_data("servers", server_id, f"{slot}credential:{credential.kind.value}")
         return self.keyring.encrypt(credential.value.reveal().encode(), aad)
 
-    def _open_credential(self, server_id: str, kind: str, envelope: bytes) -> Credential:
-        aad = associated_data("servers", server_id, "credential:" + kind)
+    def _open_credential(
+        self, server_id: str, kind: str, envelope: bytes, slot: str = ""
+    ) -> Credential:
+        aad = associated_data("servers", server_id, f"{slot}credential:{kind}")
         plain = self.keyring.decrypt(envelope, aad).decode()
         return Credential(CredentialKind(kind), Secret(plain))
 
@@ -210,6 +295,9 @@ class Store:
             credential_kind=CredentialKind(row.credential_kind) if row.credential_kind else None,
             create_time=row.create_time,
             update_time=row.update_time,
+            discovery=Discovery.from_json(row.discovery),
+            previous_credential=row.previous_credential_ct is not None,
+            credential_in_use=row.credential_in_use,
             status=ServerStatus(
                 token_version=row.token_version,
                 expires_at=expires_at,
@@ -259,8 +347,29 @@ class Store:
         if row.credential_ct is None or row.credential_kind is None:
             raise ConfigurationError(f"server {server_id!r} has no credential")
         credential = self._open_credential(server_id, row.credential_kind, row.credential_ct)
+        previous = None
+        if row.previous_credential_ct is not None:
+            previous = self._open_credential(
+                server_id, row.previous_credential_kind, row.previous_credential_ct, "previous_"
+            )
         token = self._open_token(token_row) if token_row is not None else None
-        return FetchContext(record, credential, token)
+        return FetchContext(record, credential, token, previous)
+
+    async def load_token(self, server_id: str) -> ServerToken | None:
+        """The server's token, if one is stored under its current revision."""
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    select(tokens)
+                    .join(
+                        servers,
+                        (servers.c.id == tokens.c.server_id)
+                        & (servers.c.revision == tokens.c.revision),
+                    )
+                    .where(tokens.c.server_id == server_id)
+                )
+            ).one_or_none()
+        return self._open_token(row) if row is not None else None
 
     async def load_all(self) -> list[tuple[ServerRecord, ServerToken | None]]:
         """Every server with its token of the current revision, if stored (for
@@ -281,6 +390,10 @@ class Store:
 
     # writes --------------------------------------------------------------
 
+    async def audit(self, actor: str, action: str, server_id: str | None, **detail: Any) -> None:
+        async with self._tx() as conn:
+            await self._audit(conn, actor, action, server_id, **detail)
+
     async def _audit(
         self, conn: AsyncConnection, actor: str, action: str, server_id: str | None, **detail: Any
     ) -> None:
@@ -300,14 +413,18 @@ class Store:
         credential: Credential | None,
         expected_revision: int = 0,
         actor: str = "",
+        discovery: Discovery | None = None,
+        previous: str = "",
     ) -> Registration:
         """Creates or replaces the server. ``revised`` says whether its revision
-        changed (then its stored token was dropped)."""
+        changed (then its stored token was dropped). ``previous``: "keep" the
+        credential a new one replaces as a fallback, or "drop" the kept one."""
+        args = (spec, credential, expected_revision, actor, discovery, previous)
         try:
-            return await self._register(spec, credential, expected_revision, actor)
+            return await self._register(*args)
         except IntegrityError:
             # Two creations raced and the other won: now this one is an update.
-            return await self._register(spec, credential, expected_revision, actor)
+            return await self._register(*args)
 
     async def _register(
         self,
@@ -315,8 +432,11 @@ class Store:
         credential: Credential | None,
         expected_revision: int,
         actor: str,
+        discovery: Discovery | None,
+        previous: str,
     ) -> Registration:
         now = self.clock()
+        found = discovery.to_json() if discovery is not None else None
         async with self._tx() as conn:
             # FOR UPDATE: on PostgreSQL (read committed) two concurrent updates
             # would otherwise both build on the same revision. SQLite holds the
@@ -344,17 +464,25 @@ class Store:
                         credential_kind=credential.kind.value,
                         credential_ct=self._seal_credential(spec.id, credential),
                         token_version=0,
+                        discovery=found,
                         create_time=now,
                         update_time=now,
                         **_spec_columns(spec),
                     )
                 )
                 await self._audit(conn, actor, "create", spec.id, revision=1)
+                await self._announce(conn, "registered", spec.id, 1, revised=True)
                 changed = revised = True
             else:
                 fields = _changed_fields(_spec_of(row), spec)
                 if credential is not None and not self._same_credential(row, credential):
                     fields.append("credential")
+                if Discovery.from_json(row.discovery) != discovery:
+                    fields.append("discovery")
+                if (previous == "keep" and "credential" in fields) or (
+                    previous == "drop" and row.previous_credential_ct is not None
+                ):
+                    fields.append("previous_credential")
                 changed = bool(fields)
                 revised = _bumps_revision(fields)
                 if changed:
@@ -362,6 +490,7 @@ class Store:
                     values: dict[str, Any] = {
                         "revision": revision,
                         "update_time": now,
+                        "discovery": found,
                         **_spec_columns(spec),
                     }
                     if revised:
@@ -369,6 +498,18 @@ class Store:
                     if credential is not None and "credential" in fields:
                         values["credential_kind"] = credential.kind.value
                         values["credential_ct"] = self._seal_credential(spec.id, credential)
+                        values["credential_in_use"] = ""
+                        if previous == "keep" and row.credential_ct is not None:
+                            old = self._open_credential(
+                                spec.id, row.credential_kind, row.credential_ct
+                            )
+                            values["previous_credential_kind"] = old.kind.value
+                            values["previous_credential_ct"] = self._seal_credential(
+                                spec.id, old, "previous_"
+                            )
+                    if "previous_credential" in fields and "previous_credential_ct" not in values:
+                        values["previous_credential_kind"] = None
+                        values["previous_credential_ct"] = None
                     await conn.execute(
                         update(servers).where(servers.c.id == spec.id).values(**values)
                     )
@@ -377,6 +518,7 @@ class Store:
                     await self._audit(
                         conn, actor, "update", spec.id, revision=revision, changed=fields
                     )
+                    await self._announce(conn, "registered", spec.id, revision, revised)
             row = (await conn.execute(self._select_servers().where(servers.c.id == spec.id))).one()
         return Registration(self._record(row, row.token_expires_at), revised, changed)
 
@@ -395,6 +537,7 @@ class Store:
             if result.rowcount == 0:
                 raise ServerNotFound(server_id)
             await self._audit(conn, actor, "delete", server_id)
+            await self._announce(conn, "removed", server_id)
 
     async def save_token(
         self,
@@ -403,6 +546,7 @@ class Store:
         revision: int,
         token: Token,
         next_refresh: datetime | None = None,
+        used: str = "current",
     ) -> ServerToken | None:
         """Stores a fetched token as the server's next version, only if the
         server is still the incarnation and revision it was fetched under;
@@ -416,7 +560,14 @@ class Store:
                         token_version=servers.c.token_version + 1,
                         last_fetch_time=token.issued_at,
                         next_refresh_time=next_refresh,
+                        credential_in_use=used,
                         **NO_ERROR,
+                        # The new credential works: the fallback is no longer needed.
+                        **(
+                            {"previous_credential_kind": None, "previous_credential_ct": None}
+                            if used == "current"
+                            else {}
+                        ),
                     )
                     .returning(servers.c.token_version)
                 )
@@ -436,6 +587,7 @@ class Store:
                     expires_at=token.expires_at,
                 )
             )
+            await self._announce(conn, "token", server_id, version)
         return ServerToken(server_id, token, version, revision)
 
     async def record_failure(
@@ -458,6 +610,7 @@ class Store:
                     next_refresh_time=next_attempt,
                 )
             )
+            await self._announce(conn, "failed", server_id, revision)
 
     # keys ------------------------------------------------------------------
 
@@ -465,6 +618,7 @@ class Store:
         async with self._tx() as conn:
             blobs: Sequence[bytes | None] = [
                 *(await conn.execute(select(servers.c.credential_ct))).scalars(),
+                *(await conn.execute(select(servers.c.previous_credential_ct))).scalars(),
                 *(await conn.execute(select(tokens.c.access_token_ct))).scalars(),
             ]
         return {key_id_of(blob) for blob in blobs if blob is not None}
@@ -486,23 +640,26 @@ class Store:
         primary = self.keyring.primary_id
         rewritten = 0
         async with self._tx() as conn:
-            server_rows = (
-                await conn.execute(
-                    select(servers.c.id, servers.c.credential_kind, servers.c.credential_ct)
-                )
-            ).all()
+            server_rows = [
+                (row.id, row.credential_kind, row.credential_ct, "")
+                for row in await conn.execute(select(servers))
+            ] + [
+                (row.id, row.previous_credential_kind, row.previous_credential_ct, "previous_")
+                for row in await conn.execute(select(servers))
+            ]
             token_rows = (
                 await conn.execute(select(tokens.c.server_id, tokens.c.access_token_ct))
             ).all()
-        for sid, kind, blob in server_rows:
+        for sid, kind, blob, slot in server_rows:
             if blob is None or key_id_of(blob) == primary:
                 continue
-            fresh = self._seal_credential(sid, self._open_credential(sid, kind, blob))
+            fresh = self._seal_credential(sid, self._open_credential(sid, kind, blob, slot), slot)
+            column = servers.c[f"{slot}credential_ct"]
             async with self._tx() as conn:
                 result = await conn.execute(
                     update(servers)
-                    .where(servers.c.id == sid, servers.c.credential_ct == blob)
-                    .values(credential_ct=fresh)
+                    .where(servers.c.id == sid, column == blob)
+                    .values({column: fresh})
                 )
             rewritten += result.rowcount
             if progress:

@@ -63,6 +63,14 @@ servers = Table(
     Column("audience", Text, nullable=False),
     Column("extra_token_params", Text, nullable=False),  # JSON object
     Column("refresh_fraction", Float, nullable=False, server_default="0"),
+    Column("key_id", Text, nullable=False, server_default=""),
+    Column("signing_alg", String(16), nullable=False, server_default=""),
+    Column("assertion_audience", String(32), nullable=False, server_default=""),
+    Column("discovery", Text),  # JSON: what discovery found (tokensvc.discovery.Discovery)
+    # The credential replaced with keep_previous_credential, until the new one works.
+    Column("previous_credential_kind", String(16)),
+    Column("previous_credential_ct", LargeBinary),  # AES-GCM envelope
+    Column("credential_in_use", String(16), nullable=False, server_default=""),
     Column("credential_kind", String(16)),
     Column("credential_ct", LargeBinary),  # AES-GCM envelope
     Column("token_version", BigInteger, nullable=False),

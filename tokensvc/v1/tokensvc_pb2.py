@@ -27,7 +27,7 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokensvc/v1/tokensvc.proto\x12\x0btokensvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x0fGetTokenRequest\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x30\n\rmin_valid_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15rejected_token_sha256\x18\x03 \x01(\t\"\xc4\x01\n\x05Token\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x07 \x01(\x03\"(\n\x12WatchTokensRequest\x12\x12\n\nserver_ids\x18\x01 \x03(\t\"\xfc\x01\n\nTokenEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12#\n\x05token\x18\x02 \x01(\x0b\x32\x12.tokensvc.v1.TokenH\x00\x12*\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x18.tokensvc.v1.FetchFailedH\x00\x12-\n\x07removed\x18\x04 \x01(\x0b\x32\x1a.tokensvc.v1.ServerRemovedH\x00\x12%\n\x06synced\x18\x05 \x01(\x0b\x32\x13.tokensvc.v1.SyncedH\x00\x12,\n\x07revoked\x18\x06 \x01(\x0b\x32\x19.tokensvc.v1.TokenRevokedH\x00\x42\x07\n\x05\x65vent\"\xca\x01\n\x0b\x46\x65tchFailed\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.tokensvc.v1.FetchError\x12\x35\n\x11next_attempt_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63urrent_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpermanent\x18\x05 \x01(\x08\"\"\n\rServerRemoved\x12\x11\n\tserver_id\x18\x01 \x01(\t\"3\n\x0cTokenRevoked\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x08\n\x06Synced\"\x99\x01\n\x15RegisterServerRequest\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.tokensvc.v1.Server\x12\x17\n\rclient_secret\x18\x02 \x01(\tH\x00\x12\x19\n\x0fprivate_key_pem\x18\x03 \x01(\tH\x00\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\x42\x0c\n\ncredential\"\x98\x04\n\x06Server\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07mcp_url\x18\x02 \x01(\t\x12\x16\n\x0etoken_endpoint\x18\x03 \x01(\t\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x32\n\x0b\x61uth_method\x18\x06 \x01(\x0e\x32\x1d.tokensvc.v1.ClientAuthMethod\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x10\n\x08resource\x18\x08 \x01(\t\x12\x10\n\x08\x61udience\x18\t \x01(\t\x12\x45\n\x12\x65xtra_token_params\x18\n \x03(\x0b\x32).tokensvc.v1.Server.ExtraTokenParamsEntry\x12\x18\n\x10refresh_fraction\x18\x0b \x01(\x01\x12\x16\n\x0e\x63redential_set\x18\x14 \x01(\x08\x12\x10\n\x08revision\x18\x15 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06status\x18\x18 \x01(\x0b\x32\x18.tokensvc.v1.TokenStatus\x1a\x37\n\x15\x45xtraTokenParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\x0bTokenStatus\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_fetch_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_refresh_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\nlast_error\x18\x04 \x01(\x0b\x32\x17.tokensvc.v1.FetchError\x12\x15\n\rtoken_version\x18\x05 \x01(\x03\"p\n\nFetchError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x19\n\x11\x65rror_description\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x10GetServerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x13\x44\x65leteServerRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12ListServersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListServersResponse\x12$\n\x07servers\x18\x01 \x03(\x0b\x32\x13.tokensvc.v1.Server\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb5\x01\n\x10\x43lientAuthMethod\x12\"\n\x1e\x43LIENT_AUTH_METHOD_UNSPECIFIED\x10\x00\x12*\n&CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC\x10\x01\x12)\n%CLIENT_AUTH_METHOD_CLIENT_SECRET_POST\x10\x02\x12&\n\"CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT\x10\x03\x32\x97\x01\n\x0cTokenService\x12<\n\x08GetToken\x12\x1c.tokensvc.v1.GetTokenRequest\x1a\x12.tokensvc.v1.Token\x12I\n\x0bWatchTokens\x12\x1f.tokensvc.v1.WatchTokensRequest\x1a\x17.tokensvc.v1.TokenEvent0\x01\x32\xb6\x02\n\x0c\x41\x64minService\x12I\n\x0eRegisterServer\x12\".tokensvc.v1.RegisterServerRequest\x1a\x13.tokensvc.v1.Server\x12?\n\tGetServer\x12\x1d.tokensvc.v1.GetServerRequest\x1a\x13.tokensvc.v1.Server\x12P\n\x0bListServers\x12\x1f.tokensvc.v1.ListServersRequest\x1a .tokensvc.v1.ListServersResponse\x12H\n\x0c\x44\x65leteServer\x12 .tokensvc.v1.DeleteServerRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atokensvc/v1/tokensvc.proto\x12\x0btokensvc.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x0fGetTokenRequest\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x30\n\rmin_valid_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1d\n\x15rejected_token_sha256\x18\x03 \x01(\t\"\xc4\x01\n\x05Token\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x07 \x01(\x03\"(\n\x12WatchTokensRequest\x12\x12\n\nserver_ids\x18\x01 \x03(\t\"\xfc\x01\n\nTokenEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12#\n\x05token\x18\x02 \x01(\x0b\x32\x12.tokensvc.v1.TokenH\x00\x12*\n\x06\x66\x61iled\x18\x03 \x01(\x0b\x32\x18.tokensvc.v1.FetchFailedH\x00\x12-\n\x07removed\x18\x04 \x01(\x0b\x32\x1a.tokensvc.v1.ServerRemovedH\x00\x12%\n\x06synced\x18\x05 \x01(\x0b\x32\x13.tokensvc.v1.SyncedH\x00\x12,\n\x07revoked\x18\x06 \x01(\x0b\x32\x19.tokensvc.v1.TokenRevokedH\x00\x42\x07\n\x05\x65vent\"\xca\x01\n\x0b\x46\x65tchFailed\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x17.tokensvc.v1.FetchError\x12\x35\n\x11next_attempt_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63urrent_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpermanent\x18\x05 \x01(\x08\"\"\n\rServerRemoved\x12\x11\n\tserver_id\x18\x01 \x01(\t\"3\n\x0cTokenRevoked\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\"\x08\n\x06Synced\"\xca\x01\n\tDiscovery\x12\x0e\n\x06issuer\x18\x01 \x01(\t\x12\x16\n\x0etoken_endpoint\x18\x02 \x01(\t\x12-\n%token_endpoint_auth_methods_supported\x18\x03 \x03(\t\x12\x1d\n\x15resource_metadata_url\x18\x04 \x01(\t\x12\x14\n\x0cmetadata_url\x18\x05 \x01(\t\x12\x31\n\rdiscover_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xdd\x01\n\x15RegisterServerRequest\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.tokensvc.v1.Server\x12\x17\n\rclient_secret\x18\x02 \x01(\tH\x00\x12\x19\n\x0fprivate_key_pem\x18\x03 \x01(\tH\x00\x12\x19\n\x11\x65xpected_revision\x18\x04 \x01(\x03\x12 \n\x18keep_previous_credential\x18\x05 \x01(\x08\x12 \n\x18\x64rop_previous_credential\x18\x06 \x01(\x08\x42\x0c\n\ncredential\"y\n\x11TestServerRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12:\n\x0cregistration\x18\x02 \x01(\x0b\x32\".tokensvc.v1.RegisterServerRequestH\x00\x12\x10\n\x08\x63\x61ll_mcp\x18\x03 \x01(\x08\x42\x08\n\x06target\"F\n\x12TestServerResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12$\n\x05steps\x18\x02 \x03(\x0b\x32\x15.tokensvc.v1.TestStep\"\xa9\x01\n\x08TestStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x13\n\x0bhttp_status\x18\x07 \x01(\x05\x12\x12\n\ntool_count\x18\x08 \x01(\x05\"\x9e\x06\n\x06Server\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07mcp_url\x18\x02 \x01(\t\x12\x16\n\x0etoken_endpoint\x18\x03 \x01(\t\x12\x0e\n\x06issuer\x18\x04 \x01(\t\x12\x11\n\tclient_id\x18\x05 \x01(\t\x12\x32\n\x0b\x61uth_method\x18\x06 \x01(\x0e\x32\x1d.tokensvc.v1.ClientAuthMethod\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x10\n\x08resource\x18\x08 \x01(\t\x12\x10\n\x08\x61udience\x18\t \x01(\t\x12\x45\n\x12\x65xtra_token_params\x18\n \x03(\x0b\x32).tokensvc.v1.Server.ExtraTokenParamsEntry\x12\x18\n\x10refresh_fraction\x18\x0b \x01(\x01\x12\x0e\n\x06key_id\x18\x0c \x01(\t\x12\x13\n\x0bsigning_alg\x18\r \x01(\t\x12:\n\x12\x61ssertion_audience\x18\x0e \x01(\x0e\x32\x1e.tokensvc.v1.AssertionAudience\x12\x16\n\x0e\x63redential_set\x18\x14 \x01(\x08\x12\x10\n\x08revision\x18\x15 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x17 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06status\x18\x18 \x01(\x0b\x32\x18.tokensvc.v1.TokenStatus\x12)\n\tdiscovery\x18\x19 \x01(\x0b\x32\x16.tokensvc.v1.Discovery\x12<\n\x15\x65\x66\x66\x65\x63tive_auth_method\x18\x1a \x01(\x0e\x32\x1d.tokensvc.v1.ClientAuthMethod\x12\x1f\n\x17previous_credential_set\x18\x1b \x01(\x08\x12\x19\n\x11\x63redential_in_use\x18\x1c \x01(\t\x1a\x37\n\x15\x45xtraTokenParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xed\x01\n\x0bTokenStatus\x12.\n\nexpires_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_fetch_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_refresh_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\nlast_error\x18\x04 \x01(\x0b\x32\x17.tokensvc.v1.FetchError\x12\x15\n\rtoken_version\x18\x05 \x01(\x03\"p\n\nFetchError\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x19\n\x11\x65rror_description\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x10GetServerRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x13\x44\x65leteServerRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12ListServersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x13ListServersResponse\x12$\n\x07servers\x18\x01 \x03(\x0b\x32\x13.tokensvc.v1.Server\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb5\x01\n\x10\x43lientAuthMethod\x12\"\n\x1e\x43LIENT_AUTH_METHOD_UNSPECIFIED\x10\x00\x12*\n&CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC\x10\x01\x12)\n%CLIENT_AUTH_METHOD_CLIENT_SECRET_POST\x10\x02\x12&\n\"CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT\x10\x03*}\n\x11\x41ssertionAudience\x12\"\n\x1e\x41SSERTION_AUDIENCE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41SSERTION_AUDIENCE_ISSUER\x10\x01\x12%\n!ASSERTION_AUDIENCE_TOKEN_ENDPOINT\x10\x02\x32\x97\x01\n\x0cTokenService\x12<\n\x08GetToken\x12\x1c.tokensvc.v1.GetTokenRequest\x1a\x12.tokensvc.v1.Token\x12I\n\x0bWatchTokens\x12\x1f.tokensvc.v1.WatchTokensRequest\x1a\x17.tokensvc.v1.TokenEvent0\x01\x32\x85\x03\n\x0c\x41\x64minService\x12I\n\x0eRegisterServer\x12\".tokensvc.v1.RegisterServerRequest\x1a\x13.tokensvc.v1.Server\x12?\n\tGetServer\x12\x1d.tokensvc.v1.GetServerRequest\x1a\x13.tokensvc.v1.Server\x12M\n\nTestServer\x12\x1e.tokensvc.v1.TestServerRequest\x1a\x1f.tokensvc.v1.TestServerResponse\x12P\n\x0bListServers\x12\x1f.tokensvc.v1.ListServersRequest\x1a .tokensvc.v1.ListServersResponse\x12H\n\x0c\x44\x65leteServer\x12 .tokensvc.v1.DeleteServerRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVER_EXTRATOKENPARAMSENTRY']._loaded_options = None
   _globals['_SERVER_EXTRATOKENPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_CLIENTAUTHMETHOD']._serialized_start=2320
-  _globals['_CLIENTAUTHMETHOD']._serialized_end=2501
+  _globals['_CLIENTAUTHMETHOD']._serialized_start=3222
+  _globals['_CLIENTAUTHMETHOD']._serialized_end=3403
+  _globals['_ASSERTIONAUDIENCE']._serialized_start=3405
+  _globals['_ASSERTIONAUDIENCE']._serialized_end=3530
   _globals['_GETTOKENREQUEST']._serialized_start=137
   _globals['_GETTOKENREQUEST']._serialized_end=254
   _globals['_TOKEN']._serialized_start=257
@@ -54,26 +56,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENREVOKED']._serialized_end=1044
   _globals['_SYNCED']._serialized_start=1046
   _globals['_SYNCED']._serialized_end=1054
-  _globals['_REGISTERSERVERREQUEST']._serialized_start=1057
-  _globals['_REGISTERSERVERREQUEST']._serialized_end=1210
-  _globals['_SERVER']._serialized_start=1213
-  _globals['_SERVER']._serialized_end=1749
-  _globals['_SERVER_EXTRATOKENPARAMSENTRY']._serialized_start=1694
-  _globals['_SERVER_EXTRATOKENPARAMSENTRY']._serialized_end=1749
-  _globals['_TOKENSTATUS']._serialized_start=1752
-  _globals['_TOKENSTATUS']._serialized_end=1989
-  _globals['_FETCHERROR']._serialized_start=1991
-  _globals['_FETCHERROR']._serialized_end=2103
-  _globals['_GETSERVERREQUEST']._serialized_start=2105
-  _globals['_GETSERVERREQUEST']._serialized_end=2135
-  _globals['_DELETESERVERREQUEST']._serialized_start=2137
-  _globals['_DELETESERVERREQUEST']._serialized_end=2170
-  _globals['_LISTSERVERSREQUEST']._serialized_start=2172
-  _globals['_LISTSERVERSREQUEST']._serialized_end=2231
-  _globals['_LISTSERVERSRESPONSE']._serialized_start=2233
-  _globals['_LISTSERVERSRESPONSE']._serialized_end=2317
-  _globals['_TOKENSERVICE']._serialized_start=2504
-  _globals['_TOKENSERVICE']._serialized_end=2655
-  _globals['_ADMINSERVICE']._serialized_start=2658
-  _globals['_ADMINSERVICE']._serialized_end=2968
+  _globals['_DISCOVERY']._serialized_start=1057
+  _globals['_DISCOVERY']._serialized_end=1259
+  _globals['_REGISTERSERVERREQUEST']._serialized_start=1262
+  _globals['_REGISTERSERVERREQUEST']._serialized_end=1483
+  _globals['_TESTSERVERREQUEST']._serialized_start=1485
+  _globals['_TESTSERVERREQUEST']._serialized_end=1606
+  _globals['_TESTSERVERRESPONSE']._serialized_start=1608
+  _globals['_TESTSERVERRESPONSE']._serialized_end=1678
+  _globals['_TESTSTEP']._serialized_start=1681
+  _globals['_TESTSTEP']._serialized_end=1850
+  _globals['_SERVER']._serialized_start=1853
+  _globals['_SERVER']._serialized_end=2651
+  _globals['_SERVER_EXTRATOKENPARAMSENTRY']._serialized_start=2596
+  _globals['_SERVER_EXTRATOKENPARAMSENTRY']._serialized_end=2651
+  _globals['_TOKENSTATUS']._serialized_start=2654
+  _globals['_TOKENSTATUS']._serialized_end=2891
+  _globals['_FETCHERROR']._serialized_start=2893
+  _globals['_FETCHERROR']._serialized_end=3005
+  _globals['_GETSERVERREQUEST']._serialized_start=3007
+  _globals['_GETSERVERREQUEST']._serialized_end=3037
+  _globals['_DELETESERVERREQUEST']._serialized_start=3039
+  _globals['_DELETESERVERREQUEST']._serialized_end=3072
+  _globals['_LISTSERVERSREQUEST']._serialized_start=3074
+  _globals['_LISTSERVERSREQUEST']._serialized_end=3133
+  _globals['_LISTSERVERSRESPONSE']._serialized_start=3135
+  _globals['_LISTSERVERSRESPONSE']._serialized_end=3219
+  _globals['_TOKENSERVICE']._serialized_start=3533
+  _globals['_TOKENSERVICE']._serialized_end=3684
+  _globals['_ADMINSERVICE']._serialized_start=3687
+  _globals['_ADMINSERVICE']._serialized_end=4076
 # @@protoc_insertion_point(module_scope)

@@ -18,10 +18,19 @@ class ClientAuthMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: _ClassVar[ClientAuthMethod]
     CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: _ClassVar[ClientAuthMethod]
     CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: _ClassVar[ClientAuthMethod]
+
+class AssertionAudience(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ASSERTION_AUDIENCE_UNSPECIFIED: _ClassVar[AssertionAudience]
+    ASSERTION_AUDIENCE_ISSUER: _ClassVar[AssertionAudience]
+    ASSERTION_AUDIENCE_TOKEN_ENDPOINT: _ClassVar[AssertionAudience]
 CLIENT_AUTH_METHOD_UNSPECIFIED: ClientAuthMethod
 CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: ClientAuthMethod
 CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: ClientAuthMethod
 CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: ClientAuthMethod
+ASSERTION_AUDIENCE_UNSPECIFIED: AssertionAudience
+ASSERTION_AUDIENCE_ISSUER: AssertionAudience
+ASSERTION_AUDIENCE_TOKEN_ENDPOINT: AssertionAudience
 
 class GetTokenRequest(_message.Message):
     __slots__ = ("server_id", "min_valid_for", "rejected_token_sha256")
@@ -105,20 +114,78 @@ class Synced(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class Discovery(_message.Message):
+    __slots__ = ("issuer", "token_endpoint", "token_endpoint_auth_methods_supported", "resource_metadata_url", "metadata_url", "discover_time")
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ENDPOINT_AUTH_METHODS_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_METADATA_URL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_URL_FIELD_NUMBER: _ClassVar[int]
+    DISCOVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    issuer: str
+    token_endpoint: str
+    token_endpoint_auth_methods_supported: _containers.RepeatedScalarFieldContainer[str]
+    resource_metadata_url: str
+    metadata_url: str
+    discover_time: _timestamp_pb2.Timestamp
+    def __init__(self, issuer: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., token_endpoint_auth_methods_supported: _Optional[_Iterable[str]] = ..., resource_metadata_url: _Optional[str] = ..., metadata_url: _Optional[str] = ..., discover_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class RegisterServerRequest(_message.Message):
-    __slots__ = ("server", "client_secret", "private_key_pem", "expected_revision")
+    __slots__ = ("server", "client_secret", "private_key_pem", "expected_revision", "keep_previous_credential", "drop_previous_credential")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_PREVIOUS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    DROP_PREVIOUS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     server: Server
     client_secret: str
     private_key_pem: str
     expected_revision: int
-    def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., client_secret: _Optional[str] = ..., private_key_pem: _Optional[str] = ..., expected_revision: _Optional[int] = ...) -> None: ...
+    keep_previous_credential: bool
+    drop_previous_credential: bool
+    def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., client_secret: _Optional[str] = ..., private_key_pem: _Optional[str] = ..., expected_revision: _Optional[int] = ..., keep_previous_credential: _Optional[bool] = ..., drop_previous_credential: _Optional[bool] = ...) -> None: ...
+
+class TestServerRequest(_message.Message):
+    __slots__ = ("id", "registration", "call_mcp")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    CALL_MCP_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    registration: RegisterServerRequest
+    call_mcp: bool
+    def __init__(self, id: _Optional[str] = ..., registration: _Optional[_Union[RegisterServerRequest, _Mapping]] = ..., call_mcp: _Optional[bool] = ...) -> None: ...
+
+class TestServerResponse(_message.Message):
+    __slots__ = ("ok", "steps")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    steps: _containers.RepeatedCompositeFieldContainer[TestStep]
+    def __init__(self, ok: _Optional[bool] = ..., steps: _Optional[_Iterable[_Union[TestStep, _Mapping]]] = ...) -> None: ...
+
+class TestStep(_message.Message):
+    __slots__ = ("name", "ok", "detail", "duration", "reason", "error", "http_status", "tool_count")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DURATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    HTTP_STATUS_FIELD_NUMBER: _ClassVar[int]
+    TOOL_COUNT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ok: bool
+    detail: str
+    duration: _duration_pb2.Duration
+    reason: str
+    error: str
+    http_status: int
+    tool_count: int
+    def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., http_status: _Optional[int] = ..., tool_count: _Optional[int] = ...) -> None: ...
 
 class Server(_message.Message):
-    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "credential_set", "revision", "create_time", "update_time", "status")
+    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "key_id", "signing_alg", "assertion_audience", "credential_set", "revision", "create_time", "update_time", "status", "discovery", "effective_auth_method", "previous_credential_set", "credential_in_use")
     class ExtraTokenParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -137,11 +204,18 @@ class Server(_message.Message):
     AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     EXTRA_TOKEN_PARAMS_FIELD_NUMBER: _ClassVar[int]
     REFRESH_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_ALG_FIELD_NUMBER: _ClassVar[int]
+    ASSERTION_AUDIENCE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_SET_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    DISCOVERY_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_AUTH_METHOD_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_CREDENTIAL_SET_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_IN_USE_FIELD_NUMBER: _ClassVar[int]
     id: str
     mcp_url: str
     token_endpoint: str
@@ -153,12 +227,19 @@ class Server(_message.Message):
     audience: str
     extra_token_params: _containers.ScalarMap[str, str]
     refresh_fraction: float
+    key_id: str
+    signing_alg: str
+    assertion_audience: AssertionAudience
     credential_set: bool
     revision: int
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     status: TokenStatus
-    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ...) -> None: ...
+    discovery: Discovery
+    effective_auth_method: ClientAuthMethod
+    previous_credential_set: bool
+    credential_in_use: str
+    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., key_id: _Optional[str] = ..., signing_alg: _Optional[str] = ..., assertion_audience: _Optional[_Union[AssertionAudience, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., effective_auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., previous_credential_set: _Optional[bool] = ..., credential_in_use: _Optional[str] = ...) -> None: ...
 
 class TokenStatus(_message.Message):
     __slots__ = ("expires_at", "last_fetch_time", "next_refresh_time", "last_error", "token_version")

@@ -201,6 +201,11 @@ class AdminServiceStub:
                 request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.GetServerRequest.SerializeToString,
                 response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.Server.FromString,
                 _registered_method=True)
+        self.TestServer = channel.unary_unary(
+                '/tokensvc.v1.AdminService/TestServer',
+                request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.TestServerRequest.SerializeToString,
+                response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.TestServerResponse.FromString,
+                _registered_method=True)
         self.ListServers = channel.unary_unary(
                 '/tokensvc.v1.AdminService/ListServers',
                 request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListServersRequest.SerializeToString,
@@ -241,6 +246,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestServer(self, request, context):
+        """Tries a registration now: discovery, a token request (the token is not
+        stored, nor returned), and with call_mcp the MCP server's initialize and
+        tools/list with that token. Each step is reported, bounded in time
+        (10 s), never with a secret or token. For a stored server (id) or one not
+        stored yet (registration). Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListServers(self, request, context):
         """Servers in id order, page_size at a time (default 50, at most 500);
         pass next_page_token back as page_token for the next page; an empty
@@ -269,6 +285,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetServer,
                     request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.GetServerRequest.FromString,
                     response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.Server.SerializeToString,
+            ),
+            'TestServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestServer,
+                    request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.TestServerRequest.FromString,
+                    response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.TestServerResponse.SerializeToString,
             ),
             'ListServers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListServers,
@@ -336,6 +357,33 @@ class AdminService:
             '/tokensvc.v1.AdminService/GetServer',
             tokensvc_dot_v1_dot_tokensvc__pb2.GetServerRequest.SerializeToString,
             tokensvc_dot_v1_dot_tokensvc__pb2.Server.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.AdminService/TestServer',
+            tokensvc_dot_v1_dot_tokensvc__pb2.TestServerRequest.SerializeToString,
+            tokensvc_dot_v1_dot_tokensvc__pb2.TestServerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,147 @@
+"""TestServer: does this registration work, now? Each step reported.
+
+Discovery (when the registration needs it), one token request (the token is
+neither stored nor shown), and optionally the MCP server's ``initialize`` and
+``tools/list`` with that token, through the official MCP SDK client. Every
+step is bounded in time; what is reported never holds a secret or a token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tokensvc.discovery import Discovery, Getter, discover, needs_discovery
+from tokensvc.errors import FetchError, InvalidArgument
+from tokensvc.manager import Fetch
+from tokensvc.registration import Credential, ServerSpec, UrlPolicy, choose_auth_method
+from tokensvc.token import Token
+
+STEP_TIMEOUT = 10.0
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool = False
+    detail: str = ""
+    seconds: float = 0.0
+    reason: str = ""
+    error: str = ""
+    http_status: int = 0
+    tool_count: int = 0
+
+
+@asynccontextmanager
+async def _timed(step: Step) -> AsyncIterator[Step]:
+    started = time.monotonic()
+    try:
+        yield step
+    finally:
+        step.seconds = time.monotonic() - started
+
+
+async def probe(
+    spec: ServerSpec,
+    credential: Credential,
+    discovery: Discovery | None,
+    *,
+    fetch: Fetch,
+    get: Getter,
+    policy: UrlPolicy,
+    call_mcp: bool,
+) -> list[Step]:
+    steps: list[Step] = []
+    if needs_discovery(spec) and discovery is None:
+        step = Step("discovery")
+        steps.append(step)
+        async with _timed(step):
+            try:
+                discovery = await discover(spec, get, policy)
+            except InvalidArgument as exc:
+                step.detail, step.reason = exc.message, exc.reason
+                return steps
+            step.ok = True
+            step.detail = (
+                f"token endpoint {discovery.token_endpoint} (from {discovery.metadata_url})"
+            )
+    effective = replace(
+        spec,
+        token_endpoint=spec.token_endpoint or (discovery.token_endpoint if discovery else ""),
+        issuer=spec.issuer or (discovery.issuer if discovery else ""),
+        auth_method=choose_auth_method(
+            spec, credential.kind, discovery.auth_methods_supported if discovery else ()
+        ),
+    )
+    step = Step("token_request")
+    steps.append(step)
+    token: Token | None = None
+    async with _timed(step):
+        try:
+            token = await fetch(effective, credential)
+        except FetchError as exc:
+            step.detail, step.reason = exc.message, exc.reason
+            step.error, step.http_status = exc.oauth.error, exc.oauth.status_code
+            return steps
+        step.ok = True
+        step.detail = (
+            f"{token.token_type} token via {effective.auth_method.value}, "
+            f"valid {int(token.lifetime.total_seconds())} s"
+        )
+    if call_mcp:
+        steps += await _call_mcp(spec.mcp_url, token, policy)
+    return steps
+
+
+async def _call_mcp(url: str, token: Token, policy: UrlPolicy) -> list[Step]:
+    initialize, list_tools = Step("mcp_initialize"), Step("mcp_list_tools")
+    try:
+        await policy.check("server.mcp_url", url)
+    except InvalidArgument as exc:
+        initialize.detail, initialize.reason = exc.message, exc.reason
+        return [initialize]
+    statuses: list[int] = []
+
+    async def remember(response: httpx2.Response) -> None:
+        statuses.append(response.status_code)
+
+    headers = {"Authorization": f"{token.token_type} {token.access_token}"}
+    async with (
+        httpx2.AsyncClient(
+            headers=headers,
+            timeout=STEP_TIMEOUT,
+            follow_redirects=False,
+            trust_env=False,
+            event_hooks={"response": [remember]},
+        ) as http,
+        _timed(initialize),
+    ):
+        try:
+            client = Client(streamable_http_client(url, http_client=http), mode="legacy")
+            async with client:
+                initialize.ok = True
+                initialize.detail = "initialized"
+                initialize.http_status = statuses[-1] if statuses else 0
+                async with _timed(list_tools):
+                    tools = await client.list_tools()
+                    list_tools.ok = True
+                    list_tools.tool_count = len(tools.tools)
+                    list_tools.detail = f"{len(tools.tools)} tools"
+        except BaseException as exc:  # the SDK wraps failures in exception groups
+            if not isinstance(exc, Exception | BaseExceptionGroup):
+                raise
+            failed = list_tools if initialize.ok else initialize
+            failed.http_status = next((s for s in statuses if s >= 400), 0)
+            failed.detail = (
+                f"the MCP server answered HTTP {failed.http_status}"
+                if failed.http_status
+                else f"the MCP call failed ({type(exc).__name__})"
+            )
+            failed.reason = "MCP_CALL_FAILED"
+    return [initialize, list_tools] if initialize.ok else [initialize]
