@@ -217,3 +217,29 @@ async def manual(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
     """A service whose scheduler does not run: only callers cause fetches."""
     async with running_service(tmp_path / "data", auth, run_scheduler=False) as h:
         yield h
+
+
+async def bearer_call(url: str, access_token: str) -> int:
+    """The status an MCP endpoint answers to an initialize request with this token."""
+    import httpx2
+
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "tokensvc-tests", "version": "0"},
+        },
+    }
+    async with httpx2.AsyncClient() as client:
+        response = await client.post(
+            url,
+            json=body,
+            headers={
+                "Authorization": f"Bearer {access_token}",
+                "Accept": "application/json, text/event-stream",
+            },
+        )
+    return response.status_code

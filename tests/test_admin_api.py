@@ -22,7 +22,8 @@ async def test_a_registered_server_reads_back_without_its_secret(harness: Harnes
     fetched = await harness.admin.GetServer(pb.GetServerRequest(id="alpha"))
     assert fetched.token_endpoint == harness.auth.token_endpoint
     assert list(fetched.scopes) == ["read"] and fetched.audience == "api://mcp"
-    assert fetched.auth_method == pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC
+    assert fetched.auth_method == pb.CLIENT_AUTH_METHOD_UNSPECIFIED
+    assert fetched.effective_auth_method == pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC
     assert SECRET not in str(MessageToDict(fetched)) and SECRET.encode() not in (
         fetched.SerializeToString()
     )
@@ -162,7 +163,9 @@ async def test_bad_secrets_are_refused_without_echoing_them(
         assert secret not in (caught.value.details() or "")
 
 
-async def test_private_key_jwt_is_refused_clearly_until_supported(harness: Harness) -> None:
+async def test_a_private_key_that_is_not_one_is_refused_without_echoing_it(
+    harness: Harness,
+) -> None:
     request = pb.RegisterServerRequest(
         server=pb.Server(
             id="pk",

@@ -16,7 +16,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from urllib.parse import quote_plus
+from urllib.parse import parse_qsl, quote_plus
 
 import httpx2
 import pytest
@@ -32,7 +32,13 @@ from tokensvc.errors import (
     TokenRequestRejected,
 )
 from tokensvc.oauth import TokenFetcher
-from tokensvc.registration import AuthMethod, Credential, CredentialKind, ServerSpec
+from tokensvc.registration import (
+    AssertionAudience,
+    AuthMethod,
+    Credential,
+    CredentialKind,
+    ServerSpec,
+)
 from tokensvc.token import Secret, Token
 
 SECRET = "pa:ss+w%rd/é€"
@@ -364,20 +370,90 @@ async def test_a_200_carrying_an_error_field_is_a_refusal(
     assert_safe(caught.value)
 
 
-async def test_private_key_jwt_is_refused_without_a_request(server: AuthServer) -> None:
-    fetcher = TokenFetcher()
-    spec = spec_for(server.token_endpoint, auth_method=AuthMethod.PRIVATE_KEY_JWT)
-    key = Credential(CredentialKind.PRIVATE_KEY, Secret("-----BEGIN PRIVATE KEY-----"))
+def private_pem(kind: str) -> tuple[str, dict[str, object]]:
+    """A fresh private key as PEM, and its public JWK."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from joserfc.jwk import ECKey
 
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if kind == "RSA"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    jwk = (RSAKey if kind == "RSA" else ECKey).import_key(pem).as_dict(private=False)
+    return pem, dict(jwk)
+
+
+@pytest.mark.parametrize(
+    ("kind", "alg", "audience", "expected_alg", "expected_aud"),
+    [
+        ("RSA", "", AssertionAudience.UNSPECIFIED, "RS256", "https://as.example"),
+        ("RSA", "PS256", AssertionAudience.TOKEN_ENDPOINT, "PS256", MOCK_ENDPOINT),
+        ("EC", "", AssertionAudience.ISSUER, "ES256", "https://as.example"),
+    ],
+)
+async def test_private_key_jwt_sends_a_signed_assertion_and_no_secret(
+    kind: str,
+    alg: str,
+    audience: AssertionAudience,
+    expected_alg: str,
+    expected_aud: str,
+) -> None:
+    """MockTransport: the wire of RFC 7523 section 2.2, verified with the public key."""
+    from joserfc import jwt as jose_jwt
+    from joserfc.jwk import import_key
+
+    pem, public = private_pem(kind)
+    forms: list[dict[str, str]] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        forms.append(dict(parse_qsl(request.content.decode())))
+        assert "authorization" not in request.headers
+        return httpx2.Response(200, json={"access_token": "t", "expires_in": 60})
+
+    spec = spec_for(
+        MOCK_ENDPOINT,
+        issuer="https://as.example",
+        auth_method=AuthMethod.PRIVATE_KEY_JWT,
+        signing_alg=alg,
+        assertion_audience=audience,
+        key_id="key-1",
+    )
+    fetcher = mock_fetcher(handler)
     try:
-        with pytest.raises(TokenRequestRejected) as caught:
-            await fetcher.fetch(spec, key)
+        await fetcher.fetch(spec, Credential(CredentialKind.PRIVATE_KEY, Secret(pem)))
     finally:
         await fetcher.aclose()
+    form = forms[0]
+    assert form["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    assert form["client_id"] == "broker" and "client_secret" not in form
+    token = jose_jwt.decode(form["client_assertion"], import_key(public), algorithms=[expected_alg])
+    assert token.header["alg"] == expected_alg and token.header["kid"] == "key-1"
+    claims = token.claims
+    assert claims["iss"] == claims["sub"] == "broker" and claims["aud"] == expected_aud
+    assert claims["exp"] - claims["iat"] == 300 and len(claims["jti"]) >= 16
+    assert "PRIVATE KEY" not in form["client_assertion"]
 
+
+async def test_a_key_is_never_used_as_a_secret_nor_a_secret_as_a_key(server: AuthServer) -> None:
+    fetcher = TokenFetcher()
+    try:
+        with pytest.raises(TokenRequestRejected) as caught:
+            await fetcher.fetch(
+                spec_for(server.token_endpoint, auth_method=AuthMethod.PRIVATE_KEY_JWT),
+                credential(),
+            )
+    finally:
+        await fetcher.aclose()
     assert "private_key_jwt" in str(caught.value)
     assert server.token_requests == 0
-    assert_safe(caught.value, "PRIVATE KEY")
+    assert_safe(caught.value)
 
 
 async def test_link_local_token_endpoint_is_refused_without_any_request() -> None:
