@@ -140,3 +140,81 @@ async def test_test_server_discovers_when_the_registration_says_only_the_mcp_url
         )
     assert result.ok, result
     assert [s.name for s in result.steps][:2] == ["discovery", "token_request"]
+
+
+def pem_of(key: object, password: bytes | None = None) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    encryption = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(  # type: ignore[attr-defined, no-any-return]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    ).decode()
+
+
+def bad_keys() -> list[tuple[str, str, str, str]]:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return [
+        ("garbage", "not a key", "", "PEM-encoded"),
+        ("ed25519", pem_of(ed25519.Ed25519PrivateKey.generate()), "", "RSA or EC"),
+        (
+            "rsa-1024",
+            pem_of(rsa.generate_private_key(public_exponent=65537, key_size=1024)),
+            "",
+            "at least 2048",
+        ),
+        ("encrypted", pem_of(rsa_key, b"passphrase"), "", "passphrase"),
+        ("ec-with-rs256", pem_of(ec.generate_private_key(ec.SECP256R1())), "RS256", "ES256"),
+        ("unknown-alg", pem_of(rsa_key), "HS256", "RS256"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "pem", "alg", "hint"), bad_keys(), ids=[k[0] for k in bad_keys()])
+async def test_bad_private_keys_are_refused_at_registration_saying_what_is_wrong(
+    harness: Harness, name: str, pem: str, alg: str, hint: str
+) -> None:
+    request = pb.RegisterServerRequest(
+        server=pb.Server(
+            id="keyed",
+            mcp_url="http://127.0.0.1:9/mcp",
+            token_endpoint=harness.auth.token_endpoint,
+            client_id=CLIENT_ID,
+            signing_alg=alg,
+        ),
+        private_key_pem=pem,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.admin.RegisterServer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] in ("private_key_pem", "server.signing_alg")
+    assert hint in (caught.value.details() or "")
+    assert "PRIVATE KEY" not in (caught.value.details() or "")
+
+
+async def test_a_private_key_registers_for_private_key_jwt_and_is_never_returned(
+    harness: Harness,
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = pem_of(ec.generate_private_key(ec.SECP256R1()))
+    request = pb.RegisterServerRequest(
+        server=pb.Server(
+            id="keyed",
+            mcp_url="http://127.0.0.1:9/mcp",
+            token_endpoint=harness.auth.token_endpoint,
+            client_id=CLIENT_ID,
+            key_id="k1",
+        ),
+        private_key_pem=pem,
+    )
+    server = await harness.admin.RegisterServer(request)
+    assert server.credential_set and server.key_id == "k1"
+    assert server.effective_auth_method == pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT
+    listed = await harness.admin.ListServers(pb.ListServersRequest())
+    for wire in (server.SerializeToString(), listed.SerializeToString()):
+        assert b"PRIVATE KEY" not in wire

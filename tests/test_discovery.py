@@ -3,8 +3,10 @@ from the MCP server itself (RFC 9728), and the documents that must be refused.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,7 +22,15 @@ from tokensvc.demo.loopback import LoopbackServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, Harness, bearer_call, error_info
+from support import (
+    CLIENT_ID,
+    SECRET,
+    FakeClock,
+    Harness,
+    bearer_call,
+    error_info,
+    running_service,
+)
 
 
 class Documents(LoopbackServer):
@@ -197,3 +207,31 @@ async def _get_json(url: str) -> dict[str, Any]:
     async with httpx2.AsyncClient() as client:
         response = await client.get(url)
     return dict(response.json())
+
+
+async def test_a_discovered_token_endpoint_that_stops_answering_is_looked_up_again(
+    tmp_path: Path, auth: AuthServer, documents: Documents
+) -> None:
+    clock = FakeClock()
+    metadata = {"issuer": documents.base_url, "token_endpoint": auth.token_endpoint}
+    documents.routes["/.well-known/oauth-authorization-server"] = lambda _r: JSONResponse(metadata)
+    async with (
+        AuthServer() as moved,
+        running_service(tmp_path, auth, clock=clock) as h,
+    ):
+        moved.add_client(CLIENT_ID, SECRET)
+        await register(h, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
+        first = await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
+        await auth.stop()  # the old endpoint is gone...
+        metadata["token_endpoint"] = moved.token_endpoint  # ...and the metadata says where to
+        clock.advance(400)  # discovery is older than five minutes
+        token = await h.tokens.GetToken(
+            pb.GetTokenRequest(server_id="alpha", rejected_token_sha256=sha(first.access_token))
+        )
+        assert token.access_token == moved.issued[-1]
+        server = await h.admin.GetServer(pb.GetServerRequest(id="alpha"))
+        assert server.discovery.token_endpoint == moved.token_endpoint
+
+
+def sha(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -104,6 +104,8 @@ async def test_the_readme_grpcurl_commands_work_verbatim(tmp_path: Path) -> None
     assert len(tokens) == 2 and tokens[0]["access_token"] == tokens[1]["access_token"]
     assert tokens[0]["token_type"] == "Bearer" and int(tokens[0]["version"]) >= 1
     assert any(o.get("status") == "SERVING" for o in objects)
+    tested = [o for o in objects if "steps" in o]
+    assert tested and tested[0]["ok"] is True and tested[0]["steps"][0]["name"] == "token_request"
     assert "demo-secret" not in output
     log = "".join(service_log)
     assert "demo-secret" not in log and tokens[0]["access_token"] not in log

@@ -17,13 +17,15 @@ import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
     FetchError,
+    InvalidArgument,
     InvalidTokenResponse,
     OAuthErrorFields,
     RegistrationChanged,
@@ -42,7 +44,7 @@ from tokensvc.events import (
 from tokensvc.policy import RefreshPolicy
 from tokensvc.registration import Credential, ServerSpec
 from tokensvc.scheduler import Scheduler
-from tokensvc.store import LastError, ServerRecord, Store
+from tokensvc.store import FetchContext, LastError, ServerRecord, Store
 from tokensvc.store.notify import Change
 from tokensvc.token import Clock, ServerToken, Token, utcnow
 
@@ -53,6 +55,8 @@ Fetch = Callable[[ServerSpec, Credential], Awaitable[Token]]
 # A refresh that keeps meeting a newer registration gives up after this many
 # rounds rather than loop while an admin (or a reconciler gone wrong) edits.
 MAX_ROUNDS = 3
+# A discovered token endpoint that stops answering is looked up again at most this often.
+REDISCOVER_INTERVAL = timedelta(minutes=5)
 # A scheduled refresh that could not reach the database is tried again after this.
 STORE_RETRY = timedelta(seconds=2)
 
@@ -83,6 +87,7 @@ class TokenManager:
         policy: RefreshPolicy | None = None,
         bus: EventBus | None = None,
         rng: random.Random | None = None,
+        discover: Callable[[ServerSpec], Awaitable[Discovery]] | None = None,
     ) -> None:
         self._store = store
         self._fetch = fetch
@@ -91,6 +96,7 @@ class TokenManager:
         self.policy = policy or RefreshPolicy()
         self.bus = bus or EventBus()
         self._rng = rng or random.Random()
+        self._discover = discover
         self.scheduler = Scheduler(self._scheduled_refresh, clock)
         self._cache: dict[str, ServerToken] = {}
         self._flights: dict[str, _Flight] = {}
@@ -234,17 +240,8 @@ class TokenManager:
         ):
             self._adopt(server_id, epoch, stored)
             return stored
-        used = "current"
         try:
-            try:
-                token = await self._fetch(record.effective_spec, context.credential)
-            except CredentialsRejected:
-                if context.previous is None:
-                    raise
-                # A secret being rotated: the new one is not live yet at the
-                # provider, the previous one (kept for this) still is.
-                token = await self._fetch(record.effective_spec, context.previous)
-                used = "previous"
+            token, used = await self._fetch_for(context)
         except FetchError as exc:
             await self._failed(server_id, epoch, record, exc)
             fallback = self._cache.get(server_id)
@@ -276,6 +273,49 @@ class TokenManager:
         )
         self._adopt(server_id, epoch, saved)
         return saved
+
+    async def _fetch_for(self, context: FetchContext) -> tuple[Token, str]:
+        """A token for the server, and which credential got it."""
+        spec = context.record.effective_spec
+        try:
+            return await self._fetch(spec, context.credential), "current"
+        except CredentialsRejected:
+            if context.previous is None:
+                raise
+            # A secret being rotated: the new one is not live yet at the
+            # provider; the previous one, kept for this, still is.
+            return await self._fetch(spec, context.previous), "previous"
+        except AuthorizationServerUnavailable:
+            moved = await self._rediscover(context.record)
+            if moved is None:
+                raise
+            return await self._fetch(moved.effective_spec, context.credential), "current"
+
+    async def _rediscover(self, record: ServerRecord) -> ServerRecord | None:
+        """A discovered token endpoint that stopped answering may have moved:
+        discover again (at most every REDISCOVER_INTERVAL). The record with the
+        new endpoint, or None if nothing changed."""
+        found, now = record.discovery, self._clock()
+        if self._discover is None or found is None:
+            return None
+        if found.time is not None and now - found.time < REDISCOVER_INTERVAL:
+            return None
+        try:
+            fresh = await self._discover(record.spec)
+        except InvalidArgument as exc:
+            log.warning(
+                "discovery failed again",
+                extra={"server_id": record.spec.id, "reason": exc.message},
+            )
+            fresh = replace(found, time=now)  # tried: do not try again at once
+        await self._store.set_discovery(record.spec.id, record.incarnation, record.revision, fresh)
+        if fresh.token_endpoint == found.token_endpoint:
+            return None
+        log.info(
+            "token endpoint moved",
+            extra={"server_id": record.spec.id, "token_endpoint": fresh.token_endpoint},
+        )
+        return replace(record, discovery=fresh)
 
     def _adopt(self, server_id: str, epoch: int, held: ServerToken) -> None:
         """Makes ``held`` the current token, schedules its replacement and tells

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ from sqlalchemy.engine import make_url
 from tokensvc import __version__
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.crypto import KeyRing, load_keyring
+from tokensvc.discovery import discover
 from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
@@ -119,6 +121,9 @@ class Service:
             clock=self.clock,
             min_valid_for=settings.default_min_valid_for,
             policy=settings.refresh_policy,
+            discover=functools.partial(
+                discover, get=self.fetcher.get, policy=policy, clock=self.clock
+            ),
         )
         server = grpc.aio.server(
             options=[

@@ -590,6 +590,16 @@ class Store:
             await self._announce(conn, "token", server_id, version)
         return ServerToken(server_id, token, version, revision)
 
+    async def set_discovery(
+        self, server_id: str, incarnation: str, revision: int, discovery: Discovery
+    ) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                update(servers)
+                .where(_still(server_id, incarnation, revision))
+                .values(discovery=discovery.to_json())
+            )
+
     async def record_failure(
         self,
         server_id: str,

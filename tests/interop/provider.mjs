@@ -1,0 +1,99 @@
+// panva's oidc-provider (OpenID-certified) as a client_credentials authorization
+// server for tokensvc's interop tests. Loopback only, in-memory, plain http.
+//
+//   OIDC_PROVIDER_CONFIG='{"clients": [...], "ttl": 60}' node provider.mjs [port]
+//
+// port: argv[2], else $PORT, else 0 (the OS picks a free one). Once listening it
+// prints one JSON line to stdout, {"issuer": "http://127.0.0.1:PORT", "port": PORT},
+// and nothing else goes to stdout. It exits on SIGTERM/SIGINT and, with
+// OIDC_PROVIDER_WATCH_STDIN=1, when its stdin reaches end of file, so that it
+// never outlives the test process holding the other end of that pipe.
+//
+// Config (JSON in $OIDC_PROVIDER_CONFIG):
+//   clients: oidc-provider client metadata, passed as is but for "scope", e.g.
+//     {"client_id": "c1", "client_secret": "s", "token_endpoint_auth_method": "client_secret_basic",
+//      "grant_types": ["client_credentials"], "response_types": [], "scope": "read write"}
+//     {"client_id": "c2", "token_endpoint_auth_method": "private_key_jwt",
+//      "token_endpoint_auth_signing_alg": "ES256", "jwks": {"keys": [<public JWK>]}, ...}
+//     "scope" is taken out of the metadata (oidc-provider would accept only its
+//     OpenID scopes there) and is what the client may get at any resource
+//     (default "read write"); other requested scopes are dropped from the token.
+//   ttl: lifetime of client_credentials access tokens, seconds (default 60).
+//
+// Access tokens: a client_credentials request with resource=<absolute http(s) URL
+// on a loopback host> gets an RS256 JWT (typ at+jwt) whose aud is that URL, signed
+// by the key published at jwks_uri. Any other resource is invalid_target.
+
+import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { createServer } from 'node:http';
+
+import Provider, { errors } from 'oidc-provider';
+
+const config = JSON.parse(process.env.OIDC_PROVIDER_CONFIG || '{}');
+const clients = (config.clients ?? []).map(({ scope, ...metadata }) => metadata);
+const ttl = config.ttl ?? 60;
+const port = Number(process.argv[2] ?? process.env.PORT ?? 0);
+const LOOPBACK = new Set(['127.0.0.1', 'localhost', '[::1]']);
+
+// A fresh signing key per run; oidc-provider publishes its public half at /jwks.
+const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
+
+// The scopes each client may get at a resource server.
+const clientScopes = new Map((config.clients ?? []).map((c) => [c.client_id, c.scope ?? 'read write']));
+
+const server = createServer();
+server.listen(port, '127.0.0.1', () => {
+  // The issuer has to name the bound port, so the provider is built only now;
+  // nobody knows the port before the line below is printed, so no request is lost.
+  const issuer = `http://127.0.0.1:${server.address().port}`;
+  const provider = new Provider(issuer, {
+    clients,
+    jwks: { keys: [signingKey] },
+    clientDefaults: {
+      grant_types: ['client_credentials'],
+      response_types: [],
+      token_endpoint_auth_method: 'client_secret_basic',
+    },
+    clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+    enabledJWA: { clientAuthSigningAlgValues: ['RS256', 'PS256', 'ES256'] },
+    features: {
+      devInteractions: { enabled: false }, // no login UI: nothing here needs a user
+      clientCredentials: { enabled: true },
+      resourceIndicators: {
+        enabled: true,
+        // No resource parameter: no resource server, so an opaque token.
+        defaultResource: () => undefined,
+        getResourceServerInfo: (ctx, resource, client) => {
+          const url = URL.parse(resource);
+          if (!url || !['http:', 'https:'].includes(url.protocol) || !LOOPBACK.has(url.hostname)) {
+            throw new errors.InvalidTarget('resource must be an http(s) URL on a loopback host');
+          }
+          return {
+            audience: resource, // aud is the resource exactly as requested (RFC 8707)
+            scope: clientScopes.get(client.clientId) ?? '',
+            accessTokenFormat: 'jwt',
+            accessTokenTTL: ttl,
+            jwt: { sign: { alg: 'RS256' } },
+          };
+        },
+      },
+    },
+    ttl: { ClientCredentials: ttl },
+  });
+  provider.on('server_error', (ctx, error) => console.error('server_error', error));
+  server.on('request', provider.callback());
+  process.stdout.write(`${JSON.stringify({ issuer, port: server.address().port })}\n`);
+});
+
+function stop() {
+  server.close();
+  server.closeAllConnections();
+  process.exit(0);
+}
+process.on('SIGTERM', stop);
+process.on('SIGINT', stop);
+if (process.env.OIDC_PROVIDER_WATCH_STDIN === '1') {
+  process.stdin.on('end', stop);
+  process.stdin.resume();
+}
