@@ -12,7 +12,12 @@ from typing import Any
 
 from tokensvc import logs
 from tokensvc.crypto import generate_key_entry
-from tokensvc.errors import ConfigurationError, DecryptionError, StoreUnavailable
+from tokensvc.errors import (
+    ConfigurationError,
+    DecryptionError,
+    InvalidArgument,
+    StoreUnavailable,
+)
 from tokensvc.settings import Settings, load
 
 log = logging.getLogger("tokensvc")
@@ -51,6 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept http:// token endpoints off loopback (never do this in production)",
     )
     serve.add_argument("--grace-period", type=float, help="seconds to drain calls on shutdown")
+    serve.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca", help="PEM CA bundle: require client certificates it signed (mTLS)"
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve plaintext off loopback (never in production; logged at every start)",
+    )
+    serve.add_argument(
+        "--no-reflection",
+        dest="reflection",
+        action="store_false",
+        default=None,
+        help="do not serve gRPC server reflection",
+    )
 
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     _common(migrate)
@@ -79,6 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     auth.add_argument("--scopes", default="read,write", help="scopes the client may have")
     auth.add_argument("--lifetime", type=float, default=300, help="token lifetime in seconds")
 
+    caller = commands.add_parser(
+        "create-caller",
+        help="create a caller (the first admin key, for instance) and print its key once",
+    )
+    _common(caller)
+    caller.add_argument("--name", required=True)
+    caller.add_argument(
+        "--role", dest="roles", action="append", choices=("admin", "broker"), required=True
+    )
+    caller.add_argument(
+        "--pattern",
+        dest="patterns",
+        action="append",
+        help="server ids a broker may see (default *)",
+    )
+    caller.add_argument(
+        "--certificate-identity", default="", help="a SPIFFE ID, DNS name or CN: no key, mTLS"
+    )
+
     rotate = commands.add_parser(
         "rotate-keys", help="re-encrypt every stored secret and token under the newest key"
     )
@@ -86,11 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CALLER_ARGS = ("name", "roles", "patterns", "certificate_identity")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
+    skip = ("command", "to", *CALLER_ARGS)
     overrides: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if k not in ("command", "to") and v is not None
+        k: v for k, v in vars(args).items() if k not in skip and v is not None
     }
     return load(overrides)
+
+
+async def _create_caller(settings: Settings, args: argparse.Namespace) -> None:
+    from tokensvc.api.admin import create_caller
+    from tokensvc.server import keyring_for, open_store
+    from tokensvc.store.access import AccessStore
+    from tokensvc.token import utcnow
+
+    store = await open_store(settings, keyring_for(settings))
+    try:
+        record, key = await create_caller(
+            AccessStore(store.engine),
+            name=args.name,
+            roles=args.roles,
+            patterns=args.patterns or ["*"],
+            certificate_identity=args.certificate_identity,
+            now=utcnow(),
+        )
+        await store.announce("callers")
+        await store.audit("cli:create-caller", "caller_create", None, caller_id=record.id)
+    finally:
+        await store.close()
+    if key:
+        print(key)
+        log.info("caller created; its key was printed once", extra={"caller": record.name})
+    else:
+        log.info("certificate caller created", extra={"caller": record.name})
 
 
 async def _migrate(settings: Settings, target: str) -> None:
@@ -174,9 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(serve(settings))
         elif args.command == "migrate":
             asyncio.run(_migrate(settings, args.to))
+        elif args.command == "create-caller":
+            asyncio.run(_create_caller(settings, args))
         elif args.command == "rotate-keys":
             asyncio.run(_rotate(settings))
-    except (ConfigurationError, DecryptionError, StoreUnavailable) as exc:
+    except (ConfigurationError, DecryptionError, StoreUnavailable, InvalidArgument) as exc:
         logs.configure()
         log.error("cannot start: " + exc.message)
         return 2

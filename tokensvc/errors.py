@@ -9,6 +9,8 @@
     ├── RevisionMismatch            ABORTED              REVISION_MISMATCH
     ├── RegistrationChanged         ABORTED              REGISTRATION_CHANGED
     ├── StoreUnavailable            UNAVAILABLE          STORE_UNAVAILABLE
+    ├── Unauthenticated             UNAUTHENTICATED      UNAUTHENTICATED
+    ├── PermissionDenied            PERMISSION_DENIED    PERMISSION_DENIED
     ├── ConfigurationError          (startup only: the process refuses to start)
     ├── DecryptionError             (a ciphertext fails to open: wrong key, moved row, tampering)
     └── FetchError                  a token request failed
@@ -103,6 +105,16 @@ class StoreUnavailable(TokenSvcError):
     reason = "STORE_UNAVAILABLE"
 
 
+class Unauthenticated(TokenSvcError):
+    """No valid identity on the call. Says nothing of which servers exist."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(TokenSvcError):
+    reason = "PERMISSION_DENIED"
+
+
 class ConfigurationError(TokenSvcError):
     """A setting, key or database state that stops the service from starting."""
 
@@ -182,6 +194,8 @@ GRPC_STATUS: tuple[tuple[type[TokenSvcError], grpc.StatusCode], ...] = (
     (RevisionMismatch, grpc.StatusCode.ABORTED),
     (RegistrationChanged, grpc.StatusCode.ABORTED),
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (CredentialsRejected, grpc.StatusCode.FAILED_PRECONDITION),
     (TokenRequestRejected, grpc.StatusCode.FAILED_PRECONDITION),
     (TransientFetchError, grpc.StatusCode.UNAVAILABLE),

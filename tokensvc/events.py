@@ -10,7 +10,7 @@ stream's own task, outside any lock.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -52,15 +52,25 @@ Event = TokenIssued | FetchFailed | TokenRevoked | ServerRemoved
 
 
 class Subscription:
-    """One stream's pending events, newest per server, in arrival order."""
+    """One stream's pending events, newest per server, in arrival order.
+    ``allow`` filters what its caller may see; ``owner`` is the caller's id."""
 
-    def __init__(self, server_ids: Collection[str] | None) -> None:
+    def __init__(
+        self,
+        server_ids: Collection[str] | None,
+        allow: Callable[[str], bool] | None = None,
+        owner: str = "",
+    ) -> None:
         self.server_ids = frozenset(server_ids) if server_ids else None
+        self.allow = allow
+        self.owner = owner
         self._pending: dict[str, Event] = {}
         self._ready = asyncio.Event()
         self.closed = False
 
     def wants(self, server_id: str) -> bool:
+        if self.allow is not None and not self.allow(server_id):
+            return False
         return self.server_ids is None or server_id in self.server_ids
 
     def offer(self, event: Event) -> None:
@@ -93,8 +103,13 @@ class EventBus:
         self._subscriptions: set[Subscription] = set()
         self.closed = False
 
-    def subscribe(self, server_ids: Collection[str] | None = None) -> Subscription:
-        subscription = Subscription(server_ids)
+    def subscribe(
+        self,
+        server_ids: Collection[str] | None = None,
+        allow: Callable[[str], bool] | None = None,
+        owner: str = "",
+    ) -> Subscription:
+        subscription = Subscription(server_ids, allow, owner)
         if self.closed:
             subscription.close()
         else:
@@ -113,6 +128,15 @@ class EventBus:
     @property
     def subscribers(self) -> int:
         return len(self._subscriptions)
+
+    def owners(self) -> set[str]:
+        return {s.owner for s in self._subscriptions if s.owner}
+
+    def close_owner(self, owner: str) -> None:
+        """Ends the streams of one caller (revoked)."""
+        for subscription in tuple(self._subscriptions):
+            if subscription.owner == owner:
+                self.unsubscribe(subscription)
 
     def close(self) -> None:
         """Ends every stream (on shutdown: clients reconnect elsewhere)."""

@@ -12,7 +12,9 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +23,8 @@ from sqlalchemy.engine import make_url
 
 from tokensvc import __version__
 from tokensvc.api import AdminServicer, TokenServicer
+from tokensvc.audit import AuditLog
+from tokensvc.auth import Authenticator
 from tokensvc.crypto import KeyRing, load_keyring
 from tokensvc.discovery import discover
 from tokensvc.errors import ConfigurationError, StoreUnavailable
@@ -29,7 +33,8 @@ from tokensvc.oauth import TokenFetcher
 from tokensvc.registration import UrlPolicy
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
-from tokensvc.store.notify import Listener
+from tokensvc.store.access import AccessStore
+from tokensvc.store.notify import Change, Listener
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
@@ -92,6 +97,8 @@ class Service:
     _listener: Listener | None = field(default=None, init=False)
     _monitor: asyncio.Task[None] | None = field(default=None, init=False)
     _sqlite_lock: int | None = field(default=None, init=False)
+    auth: Authenticator | None = field(default=None, init=False)
+    audit: AuditLog | None = field(default=None, init=False)
 
     async def start(self) -> int:
         try:
@@ -133,37 +140,72 @@ class Service:
             ]
         )
         try:
-            self.port = server.add_insecure_port(settings.listen)
+            if settings.tls_cert:
+                self.port = server.add_secure_port(settings.listen, tls_credentials(settings))
+            else:
+                self.port = server.add_insecure_port(settings.listen)
         except RuntimeError:
             self.port = 0
         if self.port == 0:
             raise ConfigurationError(
                 f"cannot listen on {settings.listen}: address in use or invalid"
             )
+        access = AccessStore(self.store.engine)
+        self.auth = Authenticator(
+            access, open_allowed=settings.listens_on_loopback, clock=self.clock
+        )
+        await self.auth.load()
+        self.audit = AuditLog(
+            access, self.auth, timedelta(days=settings.audit_retention_days), self.clock
+        )
+        self.audit.start()
         await self.manager.start(self.run_scheduler)
         if self.store.shared:
             self._listener = Listener(
                 settings.effective_database_url,
                 self.replica_id,
-                self.manager.apply,
+                self._apply,
                 self.manager.resync,
             )
             self._listener.start()
-        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(TokenServicer(self.manager), server)
+        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
+            TokenServicer(self.manager, self.auth, self.audit), server
+        )
         tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
-            AdminServicer(self.store, self.manager, policy, self.fetcher.get, self.fetcher.fetch),
+            AdminServicer(
+                self.store,
+                self.manager,
+                policy,
+                self.fetcher.get,
+                self.fetcher.fetch,
+                self.auth,
+                access,
+                self.clock,
+            ),
             server,
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        if settings.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
         await server.start()
         self._server = server
         # SERVING only now: the store is open and the port bound.
         await self._set_health(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
+        if settings.insecure and not settings.listens_on_loopback and not settings.tls_cert:
+            log.warning(
+                "INSECURE: serving plaintext gRPC off loopback; tokens and keys cross the "
+                "network unencrypted",
+                extra={"listen": settings.listen},
+            )
+        if self.auth.open:
+            log.warning(
+                "no caller is configured: anything on this host may call tokensvc; "
+                "create an admin key (tokensvc create-caller) to require authentication"
+            )
         log.info(
             "tokensvc serving",
             extra={
@@ -174,6 +216,16 @@ class Service:
             },
         )
         return self.port
+
+    async def _apply(self, change: Change) -> None:
+        """A change made on another replica."""
+        assert self.manager is not None and self.auth is not None
+        if change.kind != "callers":
+            await self.manager.apply(change)
+            return
+        await self.auth.load()
+        for owner in self.manager.bus.owners() - self.auth.caller_ids:
+            self.manager.bus.close_owner(owner)  # revoked elsewhere: its streams end here too
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None
@@ -233,6 +285,9 @@ class Service:
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
+        if self.audit is not None:
+            await self.audit.stop()
+            self.audit = None
         if self.fetcher is not None:
             await self.fetcher.aclose()
             self.fetcher = None
@@ -243,6 +298,41 @@ class Service:
             os.close(self._sqlite_lock)  # releases the lock
             self._sqlite_lock = None
         log.info("tokensvc stopped")
+
+
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS (or mTLS with a client CA) whose files are re-read when they change:
+    certificates rotate without a restart, for new connections."""
+    paths = [p for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if p]
+
+    def stamp() -> tuple[float, ...]:
+        return tuple(os.stat(p).st_mtime_ns for p in paths)
+
+    def load() -> Any:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_certificate_configuration(
+            [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
+            root_certificates=ca,
+        )
+
+    state = {"stamp": stamp()}
+
+    def fetch() -> Any:
+        # Called by gRPC before each handshake: cheap unless a file changed.
+        try:
+            current = stamp()
+            if current == state["stamp"]:
+                return None
+            state["stamp"] = current
+            log.info("TLS files changed: new connections use them")
+            return load()
+        except OSError:
+            return None  # half-written files: keep what works, look again next time
+
+    return grpc.dynamic_ssl_server_credentials(
+        load(), fetch, require_client_authentication=settings.tls_client_ca is not None
+    )
 
 
 def lock_sqlite(url: str) -> int | None:

@@ -7,6 +7,7 @@ only module that reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
@@ -41,6 +42,15 @@ class Settings:
     permanent_backoff_cap: float = 3600.0
     log_format: str = "text"
     log_level: str = "info"
+    # TLS: a certificate and key serve TLS; a client CA requires client
+    # certificates signed by it (mTLS). Files are re-read when they change.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Listen off loopback without TLS anyway (never in production).
+    insecure: bool = False
+    reflection: bool = True
+    audit_retention_days: float = 90.0
 
     @property
     def effective_database_url(self) -> str:
@@ -49,6 +59,16 @@ class Settings:
     @property
     def effective_key_file(self) -> Path:
         return self.key_file or self.data_dir / "keys"
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def is_sqlite(self) -> bool:
@@ -101,6 +121,22 @@ class Settings:
             raise ConfigurationError("min_valid_for must not be negative")
         if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:
             raise ConfigurationError("max_response_bytes must be between 1024 and 16777216")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigurationError("tls_cert and tls_key go together: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigurationError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigurationError(f"{name}: {path} is not a readable file")
+        if not self.tls_cert and not self.insecure and not self.listens_on_loopback:
+            raise ConfigurationError(
+                f"listen {self.listen} is not a loopback address and no TLS is configured: "
+                "give --tls-cert and --tls-key (and --tls-client-ca for mTLS), or --insecure "
+                "to serve plaintext anyway"
+            )
+        if self.audit_retention_days <= 0:
+            raise ConfigurationError("audit_retention_days must be positive")
         if self.log_format not in ("text", "json"):
             raise ConfigurationError("log_format must be text or json")
         if self.log_level not in ("debug", "info", "warning", "error"):

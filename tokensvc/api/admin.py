@@ -5,16 +5,21 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import secrets
+from datetime import UTC, datetime
 
 from google.protobuf.empty_pb2 import Empty
 
 from tokensvc.api.convert import (
+    audit_to_proto,
+    caller_to_proto,
     credential_from_proto,
     server_to_proto,
     spec_from_proto,
     step_to_proto,
 )
 from tokensvc.api.errors import Context, handles_errors
+from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key
 from tokensvc.discovery import Getter, discover, needs_discovery
 from tokensvc.errors import InvalidArgument
 from tokensvc.manager import Fetch, TokenManager
@@ -26,6 +31,8 @@ from tokensvc.registration import (
     validate_spec,
 )
 from tokensvc.store import Store
+from tokensvc.store.access import AccessStore, CallerRecord
+from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
@@ -33,10 +40,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-
-
-def actor_of(context: Context) -> str:
-    return f"peer:{context.peer()}"
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
@@ -47,7 +50,13 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         url_policy: UrlPolicy,
         get: Getter,
         fetch: Fetch,
+        auth: Authenticator,
+        access: AccessStore,
+        clock: Clock = utcnow,
     ) -> None:
+        self._auth = auth
+        self._access = access
+        self._clock = clock
         self._store = store
         self._manager = manager
         self._url_policy = url_policy
@@ -58,6 +67,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def RegisterServer(
         self, request: pb.RegisterServerRequest, context: Context
     ) -> pb.Server:
+        caller = await self._auth.require(context, Role.ADMIN)
         if not request.HasField("server"):
             raise InvalidArgument("server", "is required: the server to register")
         spec = await validate_spec(spec_from_proto(request.server), self._url_policy)
@@ -80,7 +90,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         previous = "keep" if request.keep_previous_credential else ""
         previous = "drop" if request.drop_previous_credential else previous
         result = await self._store.register(
-            spec, credential, request.expected_revision, actor_of(context), found, previous
+            spec, credential, request.expected_revision, caller.actor, found, previous
         )
         if result.changed:
             self._manager.registered(result.record, result.revised)
@@ -89,7 +99,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 extra={
                     "server_id": spec.id,
                     "revision": result.record.revision,
-                    "actor": actor_of(context),
+                    "actor": caller.actor,
                 },
             )
         return server_to_proto(result.record)
@@ -98,6 +108,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def TestServer(
         self, request: pb.TestServerRequest, context: Context
     ) -> pb.TestServerResponse:
+        caller = await self._auth.require(context, Role.ADMIN)
         target = request.WhichOneof("target")
         if target == "id":
             validate_server_id(request.id)
@@ -129,12 +140,13 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         )
         ok = all(step.ok for step in steps)
         await self._store.audit(
-            actor_of(context), "test", spec.id, ok=ok, steps=[s.name for s in steps if s.ok]
+            caller.actor, "test", spec.id, ok=ok, steps=[s.name for s in steps if s.ok]
         )
         return pb.TestServerResponse(ok=ok, steps=[step_to_proto(step) for step in steps])
 
     @handles_errors
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:
+        await self._auth.require(context, Role.ADMIN)
         validate_server_id(request.id)
         return server_to_proto(await self._store.get_server(request.id))
 
@@ -142,6 +154,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def ListServers(
         self, request: pb.ListServersRequest, context: Context
     ) -> pb.ListServersResponse:
+        await self._auth.require(context, Role.ADMIN)
         if request.page_size < 0:
             raise InvalidArgument(
                 "page_size", f"must be 0 (default {DEFAULT_PAGE_SIZE}) or positive"
@@ -158,15 +171,86 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @handles_errors
     async def DeleteServer(self, request: pb.DeleteServerRequest, context: Context) -> Empty:
+        caller = await self._auth.require(context, Role.ADMIN)
         validate_server_id(request.id)
-        await self._store.delete(request.id, actor_of(context))
+        await self._store.delete(request.id, caller.actor)
         self._manager.removed(request.id)
-        log.info("server deleted", extra={"server_id": request.id, "actor": actor_of(context)})
+        log.info("server deleted", extra={"server_id": request.id, "actor": caller.actor})
         return Empty()
 
+    # callers and the audit trail ---------------------------------------------
 
-def _encode_page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode()
+    @handles_errors
+    async def CreateCaller(
+        self, request: pb.CreateCallerRequest, context: Context
+    ) -> pb.CreateCallerResponse:
+        caller = await self._auth.require(context, Role.ADMIN)
+        created, key = await create_caller(
+            self._access,
+            name=request.name,
+            roles=list(request.roles),
+            patterns=list(request.server_patterns) or ["*"],
+            certificate_identity=request.certificate_identity,
+            now=self._clock(),
+        )
+        await self._auth.load()
+        await self._store.announce("callers")
+        await self._store.audit(
+            caller.actor, "caller_create", None, caller_id=created.id, name=created.name
+        )
+        return pb.CreateCallerResponse(caller=caller_to_proto(created), key=key)
+
+    @handles_errors
+    async def ListCallers(
+        self, request: pb.ListCallersRequest, context: Context
+    ) -> pb.ListCallersResponse:
+        await self._auth.require(context, Role.ADMIN)
+        records = await self._access.list_callers()
+        return pb.ListCallersResponse(callers=[caller_to_proto(r) for r in records])
+
+    @handles_errors
+    async def RevokeCaller(self, request: pb.RevokeCallerRequest, context: Context) -> pb.Caller:
+        caller = await self._auth.require(context, Role.ADMIN)
+        revoked = await self._access.revoke_caller(request.id, self._clock())
+        if revoked is None:
+            raise InvalidArgument("id", f"no caller with id {request.id[:40]!r}: see ListCallers")
+        await self._auth.load()
+        await self._store.announce("callers")
+        self._manager.bus.close_owner(revoked.id)
+        await self._store.audit(
+            caller.actor, "caller_revoke", None, caller_id=revoked.id, name=revoked.name
+        )
+        return caller_to_proto(revoked)
+
+    @handles_errors
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: Context
+    ) -> pb.ListAuditEventsResponse:
+        await self._auth.require(context, Role.ADMIN)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size", "must be 0 (default 100) or positive")
+        size = min(request.page_size or 100, 1000)
+        before = int(_decode_page_token(request.page_token) or 0)
+        events = await self._access.list_audit(
+            server_id=request.server_id,
+            actor=request.actor,
+            start=request.start_time.ToDatetime(tzinfo=UTC)
+            if request.HasField("start_time")
+            else None,
+            end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
+            before_id=before,
+            limit=size + 1,
+        )
+        more = len(events) > size
+        events = events[:size]
+        return pb.ListAuditEventsResponse(
+            events=[audit_to_proto(e) for e in events],
+            next_page_token=_encode_page_token(str(events[-1].id)) if more else "",
+        )
+
+
+def _encode_page_token(last: str) -> str:
+    return base64.urlsafe_b64encode(f"v1:{last}".encode()).decode()
 
 
 def _decode_page_token(token: str) -> str:
@@ -178,6 +262,44 @@ def _decode_page_token(token: str) -> str:
         text = ""
     if not text.startswith("v1:"):
         raise InvalidArgument(
-            "page_token", "is not a token from ListServers: pass next_page_token back unchanged"
+            "page_token", "is not a token from this list: pass next_page_token back unchanged"
         )
     return text[3:]
+
+
+async def create_caller(
+    access: AccessStore,
+    *,
+    name: str,
+    roles: list[str],
+    patterns: list[str],
+    certificate_identity: str,
+    now: datetime,
+) -> tuple[CallerRecord, str]:
+    """Creates a caller; returns it and, for a key caller, its key (shown once)."""
+    if not name or len(name) > 200 or any(ord(c) < 0x20 for c in name):
+        raise InvalidArgument("name", "is required: 1 to 200 printable characters")
+    known = {role.value for role in Role}
+    if not roles or not set(roles) <= known:
+        raise InvalidArgument("roles", f"give one or more of {', '.join(sorted(known))}")
+    checked = check_patterns(patterns)
+    if certificate_identity:
+        caller_id, key, digest = secrets.token_hex(8), "", None
+        kind = "certificate"
+    else:
+        caller_id, key = new_key()
+        digest, kind = key_hash(key), "key"
+    record = CallerRecord(
+        id=caller_id,
+        name=name,
+        kind=kind,
+        identity=certificate_identity,
+        key_hash=digest,
+        roles=tuple(sorted(set(roles))),
+        server_patterns=checked,
+        create_time=now,
+        last_used_time=None,
+        revoke_time=None,
+    )
+    await access.create_caller(record)
+    return record, key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
@@ -19,6 +20,7 @@ from tokensvc.registration import (
     sorted_params,
 )
 from tokensvc.store import ServerRecord
+from tokensvc.store.access import AuditEvent, CallerRecord
 from tokensvc.token import Secret, ServerToken
 from tokensvc.v1 import tokensvc_pb2 as pb
 
@@ -219,3 +221,29 @@ def step_to_proto(step: Step) -> pb.TestStep:
     )
     result.duration.FromTimedelta(timedelta(seconds=round(step.seconds, 3)))
     return result
+
+
+def caller_to_proto(record: CallerRecord) -> pb.Caller:
+    return pb.Caller(
+        id=record.id,
+        name=record.name,
+        kind=record.kind,
+        certificate_identity=record.identity,
+        roles=record.roles,
+        server_patterns=record.server_patterns,
+        create_time=timestamp(record.create_time),
+        last_used_time=timestamp(record.last_used_time),
+        revoke_time=timestamp(record.revoke_time),
+    )
+
+
+def audit_to_proto(event: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        id=event.id,
+        time=timestamp(event.time),
+        actor=event.actor,
+        peer=event.peer,
+        action=event.action,
+        server_id=event.server_id,
+        detail_json=json.dumps(event.detail, sort_keys=True),
+    )

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 
 from tokensvc.api.convert import duration, event_to_proto, synced, token_to_proto
 from tokensvc.api.errors import Context, abort, handles_errors
-from tokensvc.errors import InvalidArgument
+from tokensvc.audit import AuditLog
+from tokensvc.auth import Authenticator, Caller, Role
+from tokensvc.errors import InvalidArgument, PermissionDenied, TokenSvcError
 from tokensvc.events import TokenIssued
 from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
@@ -17,13 +19,22 @@ MAX_WATCHED = 1000
 HEX = frozenset("0123456789abcdefABCDEF")
 
 
+def _visible(caller: Caller, server_id: str) -> None:
+    if not caller.may_see(server_id):
+        raise PermissionDenied(f"caller {caller.name!r} may not have tokens of {server_id!r}")
+
+
 class TokenServicer(pb_grpc.TokenServiceServicer):
-    def __init__(self, manager: TokenManager) -> None:
+    def __init__(self, manager: TokenManager, auth: Authenticator, audit: AuditLog) -> None:
         self._manager = manager
+        self._auth = auth
+        self._audit = audit
 
     @handles_errors
     async def GetToken(self, request: pb.GetTokenRequest, context: Context) -> pb.Token:
+        caller = await self._auth.require(context, Role.BROKER)
         validate_server_id(request.server_id, "server_id")
+        _visible(caller, request.server_id)
         rejected = request.rejected_token_sha256
         if rejected and (len(rejected) != 64 or not HEX.issuperset(rejected)):
             raise InvalidArgument(
@@ -34,6 +45,7 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             duration(request.min_valid_for, "min_valid_for", self._manager.min_valid_for),
             rejected,
         )
+        self._audit.record(caller.actor, "issue", held.server_id, version=held.version)
         return token_to_proto(held)
 
     async def WatchTokens(
@@ -41,24 +53,32 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
     ) -> AsyncIterator[pb.TokenEvent]:
         server_ids = list(dict.fromkeys(request.server_ids))
         try:
+            caller = await self._auth.require(context, Role.BROKER)
             if len(server_ids) > MAX_WATCHED:
                 raise InvalidArgument(
                     "server_ids", f"watch at most {MAX_WATCHED} ids (or none: all)"
                 )
             for i, server_id in enumerate(server_ids):
                 validate_server_id(server_id, f"server_ids[{i}]")
-        except InvalidArgument as exc:
+                _visible(caller, server_id)
+        except TokenSvcError as exc:
             await abort(context, exc)
         bus = self._manager.bus
         # Subscribe before taking the snapshot, so that no change falls between.
-        subscription = bus.subscribe(server_ids or None)
+        subscription = bus.subscribe(server_ids or None, caller.may_see, caller.id)
         sent: dict[str, int] = {}  # newest token version sent, per server
         sequence = 0
         try:
-            for event in self._manager.snapshot(server_ids or None):
+            snapshot = [
+                event
+                for event in self._manager.snapshot(server_ids or None)
+                if caller.may_see(event.server_id)
+            ]
+            for event in snapshot:
                 sequence += 1
                 if isinstance(event, TokenIssued):
                     sent[event.server_id] = event.token.version
+                    self._issued(caller, event)
                 yield event_to_proto(event, sequence)
             sequence += 1
             yield synced(sequence)
@@ -68,9 +88,15 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                         if event.token.version <= sent.get(event.server_id, 0):
                             continue  # already sent in the snapshot
                         sent[event.server_id] = event.token.version
+                        self._issued(caller, event)
                     else:
                         sent.pop(event.server_id, None)
                     sequence += 1
                     yield event_to_proto(event, sequence)
         finally:
             bus.unsubscribe(subscription)
+
+    def _issued(self, caller: Caller, event: TokenIssued) -> None:
+        self._audit.record(
+            caller.actor, "issue", event.server_id, version=event.token.version, via="watch"
+        )

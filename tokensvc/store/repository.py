@@ -11,7 +11,7 @@ import hmac
 import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -175,6 +175,20 @@ def _bumps_revision(fields: list[str]) -> bool:
     return any(name not in NON_REVISION_FIELDS for name in fields)
 
 
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One transaction; database faults become StoreUnavailable."""
+    try:
+        async with engine.begin() as conn:
+            yield conn
+    except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise StoreUnavailable("the database connection was lost") from None
+        raise
+
+
 class Store:
     def __init__(
         self,
@@ -193,18 +207,8 @@ class Store:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction; database faults become StoreUnavailable."""
-        try:
-            async with self.engine.begin() as conn:
-                yield conn
-        except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
-        except DBAPIError as exc:
-            if exc.connection_invalidated:
-                raise StoreUnavailable("the database connection was lost") from None
-            raise
+    def _tx(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return transaction(self.engine)
 
     async def ping(self) -> None:
         async with self._tx() as conn:
@@ -225,6 +229,12 @@ class Store:
                 text("SELECT pg_notify(:channel, :payload)"),
                 {"channel": CHANNEL, "payload": change.payload()},
             )
+
+    async def announce(self, kind: str, server_id: str = "") -> None:
+        """Tells the other replicas of a change that has no row of its own here."""
+        if self.shared:
+            async with self._tx() as conn:
+                await self._announce(conn, kind, server_id)
 
     @asynccontextmanager
     async def refresh_lock(self, server_id: str) -> AsyncIterator[None]:
@@ -397,10 +407,13 @@ class Store:
     async def _audit(
         self, conn: AsyncConnection, actor: str, action: str, server_id: str | None, **detail: Any
     ) -> None:
+        """``actor`` is "who@peer" (see tokensvc.auth.Caller.actor): split here."""
+        who, _, peer = actor.rpartition("@") if "@" in actor else (actor, "", "")
         await conn.execute(
             insert(audit_events).values(
                 time=self.clock(),
-                actor=actor,
+                actor=who,
+                peer=peer,
                 action=action,
                 server_id=server_id,
                 detail=json.dumps(detail, sort_keys=True),

@@ -106,5 +106,24 @@ audit_events = Table(
     Column("action", String(32), nullable=False),
     Column("server_id", String(63)),
     Column("detail", Text, nullable=False),  # JSON; never a secret or token
+    Column("peer", Text, nullable=False, server_default=""),
     Index("ix_audit_events_server_time", "server_id", "time"),
+    Index("ix_audit_events_time", "time"),
+)
+
+# Who may call: a bearer key (stored as its SHA-256: the key is 256 random
+# bits, so a slow hash buys nothing) or a client-certificate identity.
+callers = Table(
+    "callers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),  # key | certificate
+    Column("identity", Text, nullable=False),  # certificate: SPIFFE ID, DNS name or CN
+    Column("key_hash", String(64)),
+    Column("roles", Text, nullable=False),  # JSON list
+    Column("server_patterns", Text, nullable=False),  # JSON list of fnmatch patterns
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("last_used_time", UTCDateTime),
+    Column("revoke_time", UTCDateTime),
 )

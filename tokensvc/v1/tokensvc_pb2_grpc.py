@@ -216,6 +216,26 @@ class AdminServiceStub:
                 request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.DeleteServerRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.CreateCaller = channel.unary_unary(
+                '/tokensvc.v1.AdminService/CreateCaller',
+                request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.CreateCallerRequest.SerializeToString,
+                response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.CreateCallerResponse.FromString,
+                _registered_method=True)
+        self.ListCallers = channel.unary_unary(
+                '/tokensvc.v1.AdminService/ListCallers',
+                request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListCallersRequest.SerializeToString,
+                response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListCallersResponse.FromString,
+                _registered_method=True)
+        self.RevokeCaller = channel.unary_unary(
+                '/tokensvc.v1.AdminService/RevokeCaller',
+                request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.RevokeCallerRequest.SerializeToString,
+                response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.Caller.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/tokensvc.v1.AdminService/ListAuditEvents',
+                request_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -273,6 +293,38 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateCaller(self, request, context):
+        """Callers: who may call tokensvc. A caller is a bearer key (returned once,
+        by CreateCaller, and stored only as a digest) or a client-certificate
+        identity (a SPIFFE ID, DNS name or common name, checked under mTLS).
+        Once any caller exists, every call must authenticate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCallers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCaller(self, request, context):
+        """Takes effect at once: the caller's next call is refused, its open
+        WatchTokens streams end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """The audit trail, newest first: admin changes, token issuances, tests.
+        Never a secret or a token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -300,6 +352,26 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteServer,
                     request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.DeleteServerRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'CreateCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCaller,
+                    request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.CreateCallerRequest.FromString,
+                    response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.CreateCallerResponse.SerializeToString,
+            ),
+            'ListCallers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCallers,
+                    request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListCallersRequest.FromString,
+                    response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListCallersResponse.SerializeToString,
+            ),
+            'RevokeCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCaller,
+                    request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.RevokeCallerRequest.FromString,
+                    response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.Caller.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=tokensvc_dot_v1_dot_tokensvc__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +510,114 @@ class AdminService:
             '/tokensvc.v1.AdminService/DeleteServer',
             tokensvc_dot_v1_dot_tokensvc__pb2.DeleteServerRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.AdminService/CreateCaller',
+            tokensvc_dot_v1_dot_tokensvc__pb2.CreateCallerRequest.SerializeToString,
+            tokensvc_dot_v1_dot_tokensvc__pb2.CreateCallerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCallers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.AdminService/ListCallers',
+            tokensvc_dot_v1_dot_tokensvc__pb2.ListCallersRequest.SerializeToString,
+            tokensvc_dot_v1_dot_tokensvc__pb2.ListCallersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.AdminService/RevokeCaller',
+            tokensvc_dot_v1_dot_tokensvc__pb2.RevokeCallerRequest.SerializeToString,
+            tokensvc_dot_v1_dot_tokensvc__pb2.Caller.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokensvc.v1.AdminService/ListAuditEvents',
+            tokensvc_dot_v1_dot_tokensvc__pb2.ListAuditEventsRequest.SerializeToString,
+            tokensvc_dot_v1_dot_tokensvc__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,195 @@
+"""Who is calling, and may they have this.
+
+A caller is identified by its client certificate under mTLS (a SPIFFE URI SAN,
+else a DNS SAN, else the common name) or by a bearer key in the
+``authorization`` metadata (``Bearer tsk_<id>_<secret>``). Keys are stored as
+SHA-256 digests and shown once, at creation. Roles: ``admin`` may call
+AdminService, ``broker`` TokenService, for the server ids its patterns match.
+
+With no caller configured and a loopback listener, tokensvc is open to
+anything on the host (and says so at start). Once any caller exists, every call
+must authenticate. Health and reflection stay open to all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tokensvc.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from tokensvc.store.access import AccessStore, CallerRecord
+from tokensvc.token import Clock, utcnow
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "tsk_"
+# How often an unknown key or certificate may make the caller list be re-read
+# (a key created by the CLI, or on another replica, is found without a restart).
+RELOAD_INTERVAL = 1.0
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    BROKER = "broker"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    id: str
+    name: str
+    kind: str  # key | certificate | open
+    roles: frozenset[str]
+    patterns: tuple[str, ...]
+    peer: str = ""
+
+    @property
+    def actor(self) -> str:
+        """How the audit trail names the caller: ``kind:name@peer``."""
+        return f"{self.kind}:{self.name}@{self.peer}"
+
+    def may_see(self, server_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(server_id, pattern) for pattern in self.patterns)
+
+
+def new_key() -> tuple[str, str]:
+    """A new caller id and its key (``tsk_<id>_<secret>``), 256 random bits."""
+    caller_id = secrets.token_hex(8)
+    return caller_id, f"{KEY_PREFIX}{caller_id}_{secrets.token_urlsafe(32)}"
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_patterns(patterns: Iterable[str], field: str = "server_patterns") -> tuple[str, ...]:
+    checked = tuple(patterns)
+    for i, pattern in enumerate(checked):
+        if (
+            not pattern
+            or len(pattern) > 128
+            or not all(c.isalnum() or c in "._-*?[]!" for c in pattern)
+        ):
+            raise InvalidArgument(
+                f"{field}[{i}]", "is a server id pattern: a-z, 0-9, . _ - and the wildcards * ? [ ]"
+            )
+    return checked
+
+
+def certificate_identity(auth_context: dict[str, list[bytes]]) -> str:
+    """The client certificate's SPIFFE ID, else its first DNS name, else its CN."""
+    pem = (auth_context.get("x509_pem_cert") or [b""])[0]
+    if not pem:
+        return ""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = None
+    if names is not None:
+        for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith("spiffe://"):
+                return str(uri)
+        for dns in names.get_values_for_type(x509.DNSName):
+            return str(dns)
+    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(common[0].value) if common else ""
+
+
+class Authenticator:
+    def __init__(self, access: AccessStore, *, open_allowed: bool, clock: Clock = utcnow) -> None:
+        self._access = access
+        self._open_allowed = open_allowed
+        self._clock = clock
+        self._by_id: dict[str, CallerRecord] = {}
+        self._by_identity: dict[str, CallerRecord] = {}
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+        self.used: dict[str, datetime] = {}  # last use per caller, flushed with the audit
+
+    @property
+    def caller_ids(self) -> set[str]:
+        return set(self._by_id)
+
+    @property
+    def open(self) -> bool:
+        """No caller configured, on loopback: anything on this host may call."""
+        return self._open_allowed and not self._by_id
+
+    async def load(self) -> None:
+        records = [r for r in await self._access.list_callers() if r.revoke_time is None]
+        self._by_id = {r.id: r for r in records}
+        self._by_identity = {r.identity: r for r in records if r.kind == "certificate"}
+        self._loaded_at = asyncio.get_running_loop().time()
+
+    async def _reload_soon(self) -> None:
+        async with self._lock:
+            if asyncio.get_running_loop().time() - self._loaded_at >= RELOAD_INTERVAL:
+                await self.load()
+
+    async def authenticate(self, context: Any) -> Caller:
+        peer = str(context.peer())
+        metadata = dict(context.invocation_metadata() or ())
+        header = metadata.get("authorization", "")
+        record: CallerRecord | None
+        if header:
+            record = await self._by_key(str(header))
+        elif identity := certificate_identity(context.auth_context()):
+            record = self._by_identity.get(identity)
+            if record is None:
+                await self._reload_soon()
+                record = self._by_identity.get(identity)
+            if record is None:
+                raise Unauthenticated(
+                    f"the client certificate {identity!r} is not a registered caller"
+                )
+        elif self.open:
+            return Caller("", "local", "open", frozenset(Role), ("*",), peer)
+        else:
+            raise Unauthenticated(
+                "authenticate with a client certificate or 'authorization: Bearer <key>'"
+            )
+        self.used[record.id] = self._clock()
+        return Caller(
+            record.id,
+            record.name,
+            record.kind,
+            frozenset(record.roles),
+            record.server_patterns,
+            peer,
+        )
+
+    async def _by_key(self, header: str) -> CallerRecord:
+        scheme, _, key = header.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key.startswith(KEY_PREFIX):
+            raise Unauthenticated("the authorization metadata must be 'Bearer tsk_...'")
+        caller_id = key[len(KEY_PREFIX) :].split("_", 1)[0]
+        record = self._by_id.get(caller_id)
+        if record is None:
+            await self._reload_soon()
+            record = self._by_id.get(caller_id)
+        if (
+            record is None
+            or record.key_hash is None
+            or not hmac.compare_digest(record.key_hash, key_hash(key))
+        ):
+            raise Unauthenticated("the key is not valid: unknown, revoked or mistyped")
+        return record
+
+    async def require(self, context: Any, role: Role) -> Caller:
+        caller = await self.authenticate(context)
+        if role not in caller.roles:
+            raise PermissionDenied(f"caller {caller.name!r} does not have the {role.value} role")
+        return caller

@@ -1,0 +1,180 @@
+"""Who may call (callers) and what was done (the audit trail, read side)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tokensvc.errors import InvalidArgument
+from tokensvc.store.repository import transaction
+from tokensvc.store.tables import audit_events, callers
+
+
+@dataclass(frozen=True, slots=True)
+class CallerRecord:
+    id: str
+    name: str
+    kind: str  # key | certificate
+    identity: str
+    key_hash: str | None
+    roles: tuple[str, ...]
+    server_patterns: tuple[str, ...]
+    create_time: datetime
+    last_used_time: datetime | None
+    revoke_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    id: int
+    time: datetime
+    actor: str
+    peer: str
+    action: str
+    server_id: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """An audit row to write: actor is "who@peer"."""
+
+    time: datetime
+    actor: str
+    action: str
+    server_id: str | None
+    detail: dict[str, Any]
+
+
+def _caller(row: Row[Any]) -> CallerRecord:
+    return CallerRecord(
+        id=row.id,
+        name=row.name,
+        kind=row.kind,
+        identity=row.identity,
+        key_hash=row.key_hash,
+        roles=tuple(json.loads(row.roles)),
+        server_patterns=tuple(json.loads(row.server_patterns)),
+        create_time=row.create_time,
+        last_used_time=row.last_used_time,
+        revoke_time=row.revoke_time,
+    )
+
+
+class AccessStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create_caller(self, record: CallerRecord) -> None:
+        try:
+            async with transaction(self.engine) as conn:
+                await conn.execute(
+                    insert(callers).values(
+                        id=record.id,
+                        name=record.name,
+                        kind=record.kind,
+                        identity=record.identity,
+                        key_hash=record.key_hash,
+                        roles=json.dumps(list(record.roles)),
+                        server_patterns=json.dumps(list(record.server_patterns)),
+                        create_time=record.create_time,
+                    )
+                )
+        except IntegrityError:
+            raise InvalidArgument(
+                "name", f"a caller named {record.name!r} exists already: choose another name"
+            ) from None
+
+    async def list_callers(self) -> list[CallerRecord]:
+        async with transaction(self.engine) as conn:
+            rows = (await conn.execute(select(callers).order_by(callers.c.create_time))).all()
+        return [_caller(row) for row in rows]
+
+    async def revoke_caller(self, caller_id: str, now: datetime) -> CallerRecord | None:
+        async with transaction(self.engine) as conn:
+            await conn.execute(
+                update(callers)
+                .where(callers.c.id == caller_id, callers.c.revoke_time.is_(None))
+                .values(revoke_time=now)
+            )
+            row = (await conn.execute(select(callers).where(callers.c.id == caller_id))).first()
+        return _caller(row) if row is not None else None
+
+    async def touch(self, used: dict[str, datetime]) -> None:
+        async with transaction(self.engine) as conn:
+            for caller_id, when in used.items():
+                await conn.execute(
+                    update(callers).where(callers.c.id == caller_id).values(last_used_time=when)
+                )
+
+    async def write_audit(self, entries: list[AuditEntry]) -> None:
+        if not entries:
+            return
+        rows = []
+        for entry in entries:
+            who, _, peer = (
+                entry.actor.rpartition("@") if "@" in entry.actor else (entry.actor, "", "")
+            )
+            rows.append(
+                {
+                    "time": entry.time,
+                    "actor": who,
+                    "peer": peer,
+                    "action": entry.action,
+                    "server_id": entry.server_id,
+                    "detail": json.dumps(entry.detail, sort_keys=True),
+                }
+            )
+        async with transaction(self.engine) as conn:
+            await conn.execute(insert(audit_events), rows)
+
+    async def list_audit(
+        self,
+        *,
+        server_id: str = "",
+        actor: str = "",
+        start: datetime | None = None,
+        end: datetime | None = None,
+        before_id: int = 0,
+        limit: int = 100,
+    ) -> list[AuditEvent]:
+        """Newest first; ``before_id`` continues a page."""
+        query = select(audit_events).order_by(audit_events.c.id.desc()).limit(limit)
+        if server_id:
+            query = query.where(audit_events.c.server_id == server_id)
+        if actor:
+            query = query.where(audit_events.c.actor == actor)
+        if start is not None:
+            query = query.where(audit_events.c.time >= start)
+        if end is not None:
+            query = query.where(audit_events.c.time < end)
+        if before_id:
+            query = query.where(audit_events.c.id < before_id)
+        async with transaction(self.engine) as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            AuditEvent(
+                row.id,
+                row.time,
+                row.actor,
+                row.peer,
+                row.action,
+                row.server_id or "",
+                json.loads(row.detail),
+            )
+            for row in rows
+        ]
+
+    async def purge_audit(self, older_than: timedelta, now: datetime) -> int:
+        async with transaction(self.engine) as conn:
+            result = await conn.execute(
+                delete(audit_events).where(audit_events.c.time < now - older_than)
+            )
+        return int(result.rowcount)
