@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -141,10 +142,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _create_caller(settings: Settings, args: argparse.Namespace) -> None:
     from tokensvc.api.admin import create_caller
-    from tokensvc.server import keyring_for, open_store
+    from tokensvc.server import keyring_for, lock_sqlite, open_store
     from tokensvc.store.access import AccessStore
     from tokensvc.token import utcnow
 
+    if settings.is_sqlite:
+        # A serving process on this SQLite file would not learn of the new
+        # caller (no NOTIFY): refuse rather than leave it open by mistake.
+        lock = lock_sqlite(settings.effective_database_url)
+        if lock is not None:
+            os.close(lock)
     store = await open_store(settings, keyring_for(settings))
     try:
         record, key = await create_caller(

@@ -1,19 +1,44 @@
 """``python -m tokensvc.healthcheck HOST:PORT``: exit 0 if grpc.health.v1 says SERVING.
 
-For container HEALTHCHECKs, which have no grpcurl.
+For container HEALTHCHECKs, which have no grpcurl. Speaks TLS when
+``TOKENSVC_TLS_CERT`` is set (trusting that certificate, whatever name it was
+issued for); with mTLS it presents ``TOKENSVC_HEALTHCHECK_CERT`` and
+``TOKENSVC_HEALTHCHECK_KEY`` when given.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def _channel(target: str) -> grpc.Channel:
+    cert_file = os.environ.get("TOKENSVC_TLS_CERT")
+    if not cert_file:
+        return grpc.insecure_channel(target)
+    pem = Path(cert_file).read_bytes()
+    cert = x509.load_pem_x509_certificate(pem)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    client_cert = os.environ.get("TOKENSVC_HEALTHCHECK_CERT")
+    client_key = os.environ.get("TOKENSVC_HEALTHCHECK_KEY")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=pem,
+        private_key=Path(client_key).read_bytes() if client_key else None,
+        certificate_chain=Path(client_cert).read_bytes() if client_cert else None,
+    )
+    options = [("grpc.ssl_target_name_override", str(names[0].value))] if names else []
+    return grpc.secure_channel(target, credentials, options=options)
 
 
 def main(argv: list[str]) -> int:
     target = argv[1] if len(argv) > 1 else "127.0.0.1:50051"
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=2

@@ -306,7 +306,11 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     paths = [p for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if p]
 
     def stamp() -> tuple[float, ...]:
-        return tuple(os.stat(p).st_mtime_ns for p in paths)
+        return tuple(
+            value
+            for p in paths
+            for value in (lambda st: (st.st_mtime_ns, st.st_size, st.st_ino))(os.stat(p))
+        )
 
     def load() -> Any:
         assert settings.tls_cert is not None and settings.tls_key is not None
@@ -350,8 +354,9 @@ def lock_sqlite(url: str) -> int | None:
         holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise ConfigurationError(
-            f"{database} is already served by {holder}: SQLite serves one replica; "
-            "for several, use PostgreSQL (--database-url postgresql+asyncpg://...)"
+            f"{database} is in use by {holder}: SQLite serves one process; for several "
+            "replicas use PostgreSQL (--database-url postgresql+asyncpg://...); to add a "
+            "caller to a running service, use AdminService/CreateCaller"
         ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"tokensvc pid {os.getpid()}".encode())

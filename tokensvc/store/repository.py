@@ -289,7 +289,7 @@ class Store:
 
     # reads ---------------------------------------------------------------
 
-    def _record(self, row: Row[Any], expires_at: datetime | None) -> ServerRecord:
+    def _record(self, row: Row[Any]) -> ServerRecord:
         last_error = None
         if row.last_error_reason:
             last_error = LastError(
@@ -310,7 +310,7 @@ class Store:
             credential_in_use=row.credential_in_use,
             status=ServerStatus(
                 token_version=row.token_version,
-                expires_at=expires_at,
+                expires_at=row.token_expires_at,
                 last_fetch_time=row.last_fetch_time,
                 next_refresh_time=row.next_refresh_time,
                 last_error=last_error,
@@ -329,7 +329,7 @@ class Store:
             ).one_or_none()
         if row is None:
             raise ServerNotFound(server_id)
-        return self._record(row, row.token_expires_at)
+        return self._record(row)
 
     async def list_servers(self, after: str = "", limit: int = 50) -> list[ServerRecord]:
         query = self._select_servers().order_by(servers.c.id).limit(limit)
@@ -337,7 +337,7 @@ class Store:
             query = query.where(servers.c.id > after)
         async with self._tx() as conn:
             rows = (await conn.execute(query)).all()
-        return [self._record(row, row.token_expires_at) for row in rows]
+        return [self._record(row) for row in rows]
 
     async def load_for_fetch(self, server_id: str) -> FetchContext:
         async with self._tx() as conn:
@@ -353,7 +353,7 @@ class Store:
                     )
                 )
             ).one_or_none()
-        record = self._record(row, row.token_expires_at)
+        record = self._record(row)
         if row.credential_ct is None or row.credential_kind is None:
             raise ConfigurationError(f"server {server_id!r} has no credential")
         credential = self._open_credential(server_id, row.credential_kind, row.credential_ct)
@@ -396,7 +396,7 @@ class Store:
                 )
             ).all()
         stored = {row.server_id: self._open_token(row) for row in token_rows}
-        return [(self._record(row, row.token_expires_at), stored.get(row.id)) for row in rows]
+        return [(self._record(row), stored.get(row.id)) for row in rows]
 
     # writes --------------------------------------------------------------
 
@@ -533,7 +533,7 @@ class Store:
                     )
                     await self._announce(conn, "registered", spec.id, revision, revised)
             row = (await conn.execute(self._select_servers().where(servers.c.id == spec.id))).one()
-        return Registration(self._record(row, row.token_expires_at), revised, changed)
+        return Registration(self._record(row), revised, changed)
 
     def _same_credential(self, row: Row[Any], credential: Credential) -> bool:
         if row.credential_ct is None or row.credential_kind != credential.kind.value:
