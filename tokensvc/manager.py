@@ -388,9 +388,11 @@ class TokenManager:
         held = self._cache.get(server_id)
         try:
             await self._join_refresh(server_id, held.version if held else 0, self.min_valid_for)
-        except StoreUnavailable:
-            # Not the authorization server's fault: no backoff, try again soon.
-            self.scheduler.schedule(server_id, self._clock() + STORE_RETRY)
+        finally:
+            if self.scheduler.due_at(server_id) is None and server_id in self._known:
+                # Neither a new token nor a failure of the authorization server
+                # scheduled the next run: the database was out. Try again soon.
+                self.scheduler.schedule(server_id, self._clock() + STORE_RETRY)
 
     # registration changes -------------------------------------------------
 
@@ -428,9 +430,10 @@ class TokenManager:
         elif change.kind == "registered":
             self.registered(await self._store.get_server(server_id), change.revised)
         elif change.kind == "token":
+            epoch = self._epochs.get(server_id, 0)  # before the read: a change meanwhile wins
             held = await self._store.load_token(server_id)
             if held is not None:
-                self._adopt(server_id, self._epochs.get(server_id, 0), held)
+                self._adopt(server_id, epoch, held)
         elif change.kind == "failed":
             await self._failed_elsewhere(await self._store.get_server(server_id))
 
@@ -462,6 +465,7 @@ class TokenManager:
         notifications may have been lost (a listener reconnection)."""
         now = self._clock()
         seen = set()
+        epochs = dict(self._epochs)  # before the read: a change meanwhile wins
         for record, stored in await self._store.load_all():
             server_id = record.spec.id
             seen.add(server_id)
@@ -472,7 +476,9 @@ class TokenManager:
                 self._known[server_id] = record.spec.refresh_fraction
                 self.scheduler.schedule(server_id, now)  # new to us; the stored token may do
             if stored is not None and stored.token.expires_at > now:
-                self._adopt(server_id, self._epochs.get(server_id, 0), stored)
+                self._adopt(server_id, epochs.get(server_id, 0), stored)
+            if self.scheduler.due_at(server_id) is None and server_id not in self._flights:
+                self.scheduler.schedule(server_id, now)  # lost its schedule in an outage
         for server_id in set(self._known) - seen:
             self.removed(server_id)
 

@@ -9,6 +9,7 @@ import fcntl
 import functools
 import logging
 import os
+import secrets
 import signal
 import socket
 from dataclasses import dataclass, field
@@ -111,7 +112,10 @@ class Service:
         settings = self.settings
         if settings.is_sqlite:
             self._sqlite_lock = lock_sqlite(settings.effective_database_url)
-        self.store = await open_store(settings, keyring_for(settings), self.clock, self.replica_id)
+        # Changes are announced under a random origin, so that replicas that
+        # share a hostname and pid (containers) still hear each other.
+        origin = f"{self.replica_id}:{secrets.token_hex(4)}"
+        self.store = await open_store(settings, keyring_for(settings), self.clock, origin)
         policy = UrlPolicy(allow_insecure_http=settings.allow_insecure_http)
         if self.fetcher is None:
             self.fetcher = TokenFetcher(
@@ -163,7 +167,7 @@ class Service:
         if self.store.shared:
             self._listener = Listener(
                 settings.effective_database_url,
-                self.replica_id,
+                origin,
                 self._apply,
                 self.manager.resync,
             )
@@ -248,7 +252,8 @@ class Service:
             try:
                 await asyncio.wait_for(self.store.ping(), STORE_CHECK_INTERVAL)
                 up = True
-            except (StoreUnavailable, TimeoutError):
+            except Exception as exc:  # whatever it is, the database is not serving us
+                log.debug("database check failed", extra={"exc_type": type(exc).__name__})
                 up = False
             if up == healthy:
                 continue

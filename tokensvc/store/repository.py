@@ -184,9 +184,16 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
         raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
     except DBAPIError as exc:
-        if exc.connection_invalidated:
+        if exc.connection_invalidated or _unavailable(exc):
             raise StoreUnavailable("the database connection was lost") from None
         raise
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    """SQLSTATE classes that mean "not now" rather than "wrong": connection
+    exceptions (08), shutting down or starting up (57P), out of resources (53)."""
+    state = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+    return state.startswith(("08", "57P", "53"))
 
 
 class Store:
