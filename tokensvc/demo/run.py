@@ -44,6 +44,7 @@ class Tally:
     calls: int = 0
     failures: int = 0
     versions: list[int] = field(default_factory=list)
+    done: bool = False
 
     def line(self, rejected: int, token_requests: int, retries: int) -> str:
         return (
@@ -101,6 +102,8 @@ async def run_demo(
         tally = Tally()
 
         def rotated(new: BrokerToken, previous: BrokerToken | None) -> None:
+            if tally.done:
+                return
             tally.versions.append(new.version)
             if previous is None:
                 say(f"token v{new.version} received, valid {_left(new):.1f} s")
@@ -125,6 +128,7 @@ async def run_demo(
                 started = time.monotonic()
                 await _call(session, tokens, tally, say)
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        tally.done = True  # what arrives while everything shuts down is not news
         say(tally.line(mcp.rejected, auth.token_requests, token_auth.retries))
         return 0 if tally.failures == 0 and tally.calls > 0 else 1
     raise AssertionError("unreachable")
