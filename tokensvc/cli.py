@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from tokensvc.demo.run import run_demo
 
-        logs.configure("warning")
+        logs.configure("error")  # the demo prints what matters itself
         try:
             return asyncio.run(run_demo(args.duration, args.lifetime, args.interval))
         except KeyboardInterrupt:
