@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import functools
 import hashlib
 import hmac
 import logging
@@ -87,11 +88,20 @@ def check_patterns(patterns: Iterable[str], field: str = "server_patterns") -> t
     return checked
 
 
+def _open_caller(peer: str) -> Caller:
+    """Anyone, in open mode: every role, every server."""
+    return Caller("", "local", "open", frozenset(Role), ("*",), peer)
+
+
 def certificate_identity(auth_context: dict[str, list[bytes]]) -> str:
     """The client certificate's SPIFFE ID, else its first DNS name, else its CN."""
     pem = (auth_context.get("x509_pem_cert") or [b""])[0]
-    if not pem:
-        return ""
+    return _identity_of(pem) if pem else ""
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_of(pem: bytes) -> str:
+    # Parsed once per certificate, not on every call of a connection.
     cert = x509.load_pem_x509_certificate(pem)
     try:
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -152,12 +162,12 @@ class Authenticator:
                 record = self._by_identity.get(identity)
             if record is None:
                 if self.open:  # mTLS on loopback before any caller exists
-                    return Caller("", "local", "open", frozenset(Role), ("*",), peer)
+                    return _open_caller(peer)
                 raise Unauthenticated(
                     f"the client certificate {identity!r} is not a registered caller"
                 )
         elif self.open:
-            return Caller("", "local", "open", frozenset(Role), ("*",), peer)
+            return _open_caller(peer)
         else:
             raise Unauthenticated(
                 "authenticate with a client certificate or 'authorization: Bearer <key>'"

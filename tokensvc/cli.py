@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -208,6 +207,7 @@ async def _rotate(settings: Settings) -> None:
 
 async def _dev_authserver(args: argparse.Namespace) -> None:
     from tokensvc.demo.authserver import AuthServer, Behaviour
+    from tokensvc.server import until_signalled
 
     host, _, port = args.listen.rpartition(":")
     server = AuthServer(host=host, port=int(port), behaviour=Behaviour(lifetime=args.lifetime))
@@ -217,15 +217,7 @@ async def _dev_authserver(args: argparse.Namespace) -> None:
             "development authorization server ready",
             extra={"token_endpoint": server.token_endpoint, "client_id": args.client_id},
         )
-        await _until_signalled()
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        await until_signalled()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

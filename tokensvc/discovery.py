@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from tokensvc.errors import InvalidArgument
-from tokensvc.registration import ServerSpec, UrlPolicy
+from tokensvc.registration import CredentialKind, ServerSpec, UrlPolicy, choose_auth_method
 from tokensvc.token import Clock, utcnow
 
 RESOURCE_METADATA = re.compile(r'resource_metadata="([^"]+)"')
@@ -73,6 +73,17 @@ class Getter(Protocol):
     InvalidArgument(field, why) when the URL may not be fetched or fails."""
 
     async def __call__(self, url: str, field: str) -> Answer: ...
+
+
+def complete(spec: ServerSpec, kind: CredentialKind | None, found: Discovery | None) -> ServerSpec:
+    """What a token is fetched with: the registration, completed by what
+    discovery found (token endpoint, issuer) and the auth method chosen."""
+    return replace(
+        spec,
+        token_endpoint=spec.token_endpoint or (found.token_endpoint if found else ""),
+        issuer=spec.issuer or (found.issuer if found else ""),
+        auth_method=choose_auth_method(spec, kind, found.auth_methods_supported if found else ()),
+    )
 
 
 def needs_discovery(spec: ServerSpec) -> bool:

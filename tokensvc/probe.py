@@ -11,16 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tokensvc.discovery import Discovery, Getter, discover, needs_discovery
+from tokensvc.discovery import Discovery, Getter, complete, discover, needs_discovery
 from tokensvc.errors import FetchError, InvalidArgument
 from tokensvc.manager import Fetch
-from tokensvc.registration import Credential, ServerSpec, UrlPolicy, choose_auth_method
+from tokensvc.registration import Credential, ServerSpec, UrlPolicy
 from tokensvc.token import Token
 
 STEP_TIMEOUT = 10.0
@@ -71,14 +71,7 @@ async def probe(
             step.detail = (
                 f"token endpoint {discovery.token_endpoint} (from {discovery.metadata_url})"
             )
-    effective = replace(
-        spec,
-        token_endpoint=spec.token_endpoint or (discovery.token_endpoint if discovery else ""),
-        issuer=spec.issuer or (discovery.issuer if discovery else ""),
-        auth_method=choose_auth_method(
-            spec, credential.kind, discovery.auth_methods_supported if discovery else ()
-        ),
-    )
+    effective = complete(spec, credential.kind, discovery)
     step = Step("token_request")
     steps.append(step)
     token: Token | None = None

@@ -368,19 +368,23 @@ def lock_sqlite(url: str) -> int | None:
     return fd
 
 
-async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
-    stopping = asyncio.Event()
+async def until_signalled() -> None:
+    """Returns on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then shuts down gracefully."""
+    stopping = asyncio.create_task(until_signalled())
     service = Service(settings)
     await service.start()
     try:
         waiter = asyncio.create_task(service.wait())
-        await asyncio.wait(
-            [waiter, asyncio.create_task(stopping.wait())], return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait([waiter, stopping], return_when=asyncio.FIRST_COMPLETED)
         log.info("shutting down", extra={"grace_seconds": settings.grace_period})
     finally:
         await service.stop()

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.errors import InvalidArgument
-from tokensvc.store.repository import transaction
+from tokensvc.store.repository import audit_row, transaction
 from tokensvc.store.tables import audit_events, callers
 
 
@@ -117,21 +117,7 @@ class AccessStore:
     async def write_audit(self, entries: list[AuditEntry]) -> None:
         if not entries:
             return
-        rows = []
-        for entry in entries:
-            who, _, peer = (
-                entry.actor.rpartition("@") if "@" in entry.actor else (entry.actor, "", "")
-            )
-            rows.append(
-                {
-                    "time": entry.time,
-                    "actor": who,
-                    "peer": peer,
-                    "action": entry.action,
-                    "server_id": entry.server_id,
-                    "detail": json.dumps(entry.detail, sort_keys=True),
-                }
-            )
+        rows = [audit_row(e.time, e.actor, e.action, e.server_id, e.detail) for e in entries]
         async with transaction(self.engine) as conn:
             await conn.execute(insert(audit_events), rows)
 

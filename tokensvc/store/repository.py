@@ -12,7 +12,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from tokensvc.crypto import KeyRing, associated_data, key_id_of
-from tokensvc.discovery import Discovery
+from tokensvc.discovery import Discovery, complete
 from tokensvc.errors import (
     ConfigurationError,
     FetchError,
@@ -39,7 +39,6 @@ from tokensvc.registration import (
     Credential,
     CredentialKind,
     ServerSpec,
-    choose_auth_method,
     sorted_params,
 )
 from tokensvc.store.notify import CHANNEL, Change
@@ -79,17 +78,8 @@ class ServerRecord:
 
     @property
     def effective_spec(self) -> ServerSpec:
-        """What a token is fetched with: the registration, completed by
-        discovery (token endpoint, issuer) and the auth method chosen."""
-        spec, found = self.spec, self.discovery
-        return replace(
-            spec,
-            token_endpoint=spec.token_endpoint or (found.token_endpoint if found else ""),
-            issuer=spec.issuer or (found.issuer if found else ""),
-            auth_method=choose_auth_method(
-                spec, self.credential_kind, found.auth_methods_supported if found else ()
-            ),
-        )
+        """What a token is fetched with (see tokensvc.discovery.complete)."""
+        return complete(self.spec, self.credential_kind, self.discovery)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +150,21 @@ NO_ERROR: dict[str, Any] = {
     "last_error_description": None,
     "last_error_time": None,
 }
+
+
+def audit_row(
+    time: datetime, actor: str, action: str, server_id: str | None, detail: dict[str, Any]
+) -> dict[str, Any]:
+    """An audit_events row. ``actor`` is "who@peer" (tokensvc.auth.Caller.actor)."""
+    who, _, peer = actor.rpartition("@") if "@" in actor else (actor, "", "")
+    return {
+        "time": time,
+        "actor": who,
+        "peer": peer,
+        "action": action,
+        "server_id": server_id,
+        "detail": json.dumps(detail, sort_keys=True),
+    }
 
 
 def _still(server_id: str, incarnation: str, revision: int) -> ColumnElement[bool]:
@@ -324,6 +329,14 @@ class Store:
             ),
         )
 
+    @staticmethod
+    def _current_tokens() -> Any:
+        """Tokens stored under their server's current revision."""
+        return select(tokens).join(
+            servers,
+            (servers.c.id == tokens.c.server_id) & (servers.c.revision == tokens.c.revision),
+        )
+
     def _select_servers(self) -> Any:
         return select(servers, tokens.c.expires_at.label("token_expires_at")).outerjoin(
             tokens, (tokens.c.server_id == servers.c.id) & (tokens.c.revision == servers.c.revision)
@@ -376,15 +389,7 @@ class Store:
         """The server's token, if one is stored under its current revision."""
         async with self._tx() as conn:
             row = (
-                await conn.execute(
-                    select(tokens)
-                    .join(
-                        servers,
-                        (servers.c.id == tokens.c.server_id)
-                        & (servers.c.revision == tokens.c.revision),
-                    )
-                    .where(tokens.c.server_id == server_id)
-                )
+                await conn.execute(self._current_tokens().where(tokens.c.server_id == server_id))
             ).one_or_none()
         return self._open_token(row) if row is not None else None
 
@@ -393,15 +398,7 @@ class Store:
         warming the cache and the schedule at start)."""
         async with self._tx() as conn:
             rows = (await conn.execute(self._select_servers().order_by(servers.c.id))).all()
-            token_rows = (
-                await conn.execute(
-                    select(tokens).join(
-                        servers,
-                        (servers.c.id == tokens.c.server_id)
-                        & (servers.c.revision == tokens.c.revision),
-                    )
-                )
-            ).all()
+            token_rows = (await conn.execute(self._current_tokens())).all()
         stored = {row.server_id: self._open_token(row) for row in token_rows}
         return [(self._record(row), stored.get(row.id)) for row in rows]
 
@@ -414,17 +411,8 @@ class Store:
     async def _audit(
         self, conn: AsyncConnection, actor: str, action: str, server_id: str | None, **detail: Any
     ) -> None:
-        """``actor`` is "who@peer" (see tokensvc.auth.Caller.actor): split here."""
-        who, _, peer = actor.rpartition("@") if "@" in actor else (actor, "", "")
         await conn.execute(
-            insert(audit_events).values(
-                time=self.clock(),
-                actor=who,
-                peer=peer,
-                action=action,
-                server_id=server_id,
-                detail=json.dumps(detail, sort_keys=True),
-            )
+            insert(audit_events).values(audit_row(self.clock(), actor, action, server_id, detail))
         )
 
     async def register(
