@@ -3,6 +3,7 @@ database per test), key rings, stores."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -243,3 +244,57 @@ async def bearer_call(url: str, access_token: str) -> int:
             },
         )
     return response.status_code
+
+
+class Watcher:
+    """A WatchTokens stream read into a list, with a way to await what comes."""
+
+    def __init__(
+        self,
+        tokens: pb_grpc.TokenServiceStub,
+        *server_ids: str,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.call = tokens.WatchTokens(
+            pb.WatchTokensRequest(server_ids=server_ids), metadata=metadata or None
+        )
+        self.events: list[pb.TokenEvent] = []
+        self._changed = asyncio.Condition()
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        async for event in self.call:
+            async with self._changed:
+                self.events.append(event)
+                self._changed.notify_all()
+
+    async def until(self, kind: str, **match: object) -> pb.TokenEvent:
+        """The first event of ``kind`` whose payload has the given fields."""
+
+        def found() -> pb.TokenEvent | None:
+            for event in self.events:
+                if event.WhichOneof("event") == kind:
+                    payload = getattr(event, kind)
+                    if all(getattr(payload, k) == v for k, v in match.items()):
+                        return event
+            return None
+
+        async with asyncio.timeout(30), self._changed:
+            await self._changed.wait_for(lambda: found() is not None)
+        event = found()
+        assert event is not None
+        return event
+
+    def server_ids(self) -> set[str]:
+        return {
+            getattr(e, str(e.WhichOneof("event"))).server_id
+            for e in self.events
+            if e.WhichOneof("event") != "synced"
+        }
+
+    def kinds(self) -> list[str]:
+        return [str(e.WhichOneof("event")) for e in self.events]
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

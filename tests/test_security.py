@@ -34,7 +34,7 @@ from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 from certs import CertificateAuthority, Issued, expired
-from support import CLIENT_ID, SECRET, Harness, error_info, running_service
+from support import CLIENT_ID, SECRET, Harness, Watcher, error_info, running_service
 
 TIMEOUT = 15.0  # seconds per RPC, stream wait or subprocess step
 VENV_BIN = Path(sys.executable).parent
@@ -144,52 +144,6 @@ async def run(*argv: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
-
-
-class Watcher:
-    """A WatchTokens stream read into a list, with a way to await what comes."""
-
-    def __init__(self, tokens: pb_grpc.TokenServiceStub, key: str, *server_ids: str) -> None:
-        self.call = tokens.WatchTokens(
-            pb.WatchTokensRequest(server_ids=server_ids),
-            metadata=bearer(key),
-        )
-        self.events: list[pb.TokenEvent] = []
-        self._changed = asyncio.Condition()
-        self.task = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        async for event in self.call:
-            async with self._changed:
-                self.events.append(event)
-                self._changed.notify_all()
-
-    def _find(self, kind: str, server_id: str | None) -> pb.TokenEvent | None:
-        for event in self.events:
-            if event.WhichOneof("event") != kind:
-                continue
-            if server_id is None or getattr(event, kind).server_id == server_id:
-                return event
-        return None
-
-    async def until(self, kind: str, server_id: str | None = None) -> pb.TokenEvent:
-        async with asyncio.timeout(TIMEOUT), self._changed:
-            await self._changed.wait_for(lambda: self._find(kind, server_id) is not None)
-        event = self._find(kind, server_id)
-        assert event is not None
-        return event
-
-    def server_ids(self) -> set[str]:
-        ids = set()
-        for event in self.events:
-            kind = event.WhichOneof("event")
-            if kind != "synced":
-                ids.add(getattr(event, kind).server_id)
-        return ids
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 # --- 1. TLS --------------------------------------------------------------------
@@ -438,18 +392,18 @@ async def test_keys_bootstrapped_by_the_cli_enforce_roles_and_server_patterns(
             pb.CreateCallerRequest(name="broker-all", roles=["broker"]),
             metadata=admin_md,
         )
-        team_a = Watcher(tokens, broker_key)
-        control = Watcher(tokens, everything.key)
+        team_a = Watcher(tokens, metadata=bearer(broker_key))
+        control = Watcher(tokens, metadata=bearer(everything.key))
         try:
-            await team_a.until("token", "team-a-x")
+            await team_a.until("token", server_id="team-a-x")
             await team_a.until("synced")
-            await control.until("token", "team-b-y")
+            await control.until("token", server_id="team-b-y")
             # Changes after the stream opened: a team-b server's token reaches the
             # control stream (so it was published), then a team-a server's.
             await admin.RegisterServer(registration(auth, "team-b-later"), metadata=admin_md)
-            await control.until("token", "team-b-later")
+            await control.until("token", server_id="team-b-later")
             await admin.RegisterServer(registration(auth, "team-a-later"), metadata=admin_md)
-            await team_a.until("token", "team-a-later")
+            await team_a.until("token", server_id="team-a-later")
             assert team_a.server_ids() == {"team-a-x", "team-a-later"}, team_a.events
             assert {"team-b-y", "team-b-later"} <= control.server_ids()
         finally:
@@ -490,8 +444,8 @@ async def test_revoking_a_broker_refuses_its_next_call_and_ends_its_open_stream(
         )
         broker_md = bearer(created.key)
         await tokens.GetToken(pb.GetTokenRequest(server_id="alpha"), metadata=broker_md)
-        watcher = Watcher(tokens, created.key)
-        bystander = Watcher(tokens, other.key)
+        watcher = Watcher(tokens, metadata=bearer(created.key))
+        bystander = Watcher(tokens, metadata=bearer(other.key))
         try:
             await watcher.until("synced")
             await bystander.until("synced")
@@ -514,7 +468,7 @@ async def test_revoking_a_broker_refuses_its_next_call_and_ends_its_open_stream(
             # Another broker's stream goes on.
             assert not bystander.task.done()
             await admin.RegisterServer(registration(auth, "beta"), metadata=admin_md)
-            await bystander.until("token", "beta")
+            await bystander.until("token", server_id="beta")
         finally:
             await watcher.close()
             await bystander.close()
@@ -705,9 +659,9 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
         issued.append(token.access_token)
         # GetToken has answered; its audit row is queued, not written yet.
         assert not [e for e in await events() if e.action == "issue"]
-        watcher = Watcher(tokens, broker_key)
+        watcher = Watcher(tokens, metadata=bearer(broker_key))
         try:
-            delivered = await watcher.until("token", "alpha")
+            delivered = await watcher.until("token", server_id="alpha")
             issued.append(delivered.token.access_token)
         finally:
             await watcher.close()

@@ -13,53 +13,13 @@ import pytest
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, Harness, error_info, running_service
+from support import CLIENT_ID, Harness, Watcher, error_info, running_service
 
 TIMEOUT = 30
 
 
 def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-class Watcher:
-    """A WatchTokens stream read into a list, with a way to await what comes."""
-
-    def __init__(self, harness: Harness, *server_ids: str) -> None:
-        self.call = harness.tokens.WatchTokens(pb.WatchTokensRequest(server_ids=server_ids))
-        self.events: list[pb.TokenEvent] = []
-        self._changed = asyncio.Condition()
-        self.task = asyncio.ensure_future(self._read())
-
-    async def _read(self) -> None:
-        async for event in self.call:
-            async with self._changed:
-                self.events.append(event)
-                self._changed.notify_all()
-
-    async def until(self, kind: str, **match: object) -> pb.TokenEvent:
-        """The first event of ``kind`` whose payload has the given fields."""
-
-        def found() -> pb.TokenEvent | None:
-            for event in self.events:
-                if event.WhichOneof("event") == kind:
-                    payload = getattr(event, kind)
-                    if all(getattr(payload, k) == v for k, v in match.items()):
-                        return event
-            return None
-
-        async with asyncio.timeout(TIMEOUT), self._changed:
-            await self._changed.wait_for(lambda: found() is not None)
-        event = found()
-        assert event is not None
-        return event
-
-    def kinds(self) -> list[str]:
-        return [str(e.WhichOneof("event")) for e in self.events]
-
-    async def close(self) -> None:
-        self.call.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def rotate(harness: Harness, server_id: str = "alpha") -> pb.Token:
@@ -76,7 +36,7 @@ async def test_a_stream_starts_with_the_current_tokens_then_synced_then_changes(
     await harness.register("beta")
     alpha = await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="beta"))
-    watcher = Watcher(harness)
+    watcher = Watcher(harness.tokens)
     await watcher.until("synced")
     assert watcher.kinds() == ["token", "token", "synced"]
     assert [e.token.server_id for e in watcher.events[:2]] == ["alpha", "beta"]
@@ -94,7 +54,7 @@ async def test_a_stream_of_named_servers_sees_only_them_and_unknown_ids_arrive_l
     await harness.register("alpha")
     await harness.register("beta")
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
-    watcher = Watcher(harness, "alpha", "later")
+    watcher = Watcher(harness.tokens, "alpha", "later")
     await watcher.until("synced")
     assert watcher.kinds()[-1] == "synced"
     assert {e.token.server_id for e in watcher.events if e.token.server_id} == {"alpha"}
@@ -111,7 +71,7 @@ async def test_a_new_secret_reaches_watchers_at_once_and_the_old_token_is_gone(
 ) -> None:
     await harness.register()
     old = await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
-    watcher = Watcher(harness, "alpha")
+    watcher = Watcher(harness.tokens, "alpha")
     await watcher.until("synced")
     harness.auth.add_client(CLIENT_ID, "the-new-secret")
     started = time.monotonic()
@@ -131,7 +91,7 @@ async def test_a_new_secret_reaches_watchers_at_once_and_the_old_token_is_gone(
 async def test_a_deleted_server_is_announced_as_removed(harness: Harness) -> None:
     await harness.register()
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
-    watcher = Watcher(harness)
+    watcher = Watcher(harness.tokens)
     await watcher.until("synced")
     await harness.admin.DeleteServer(pb.DeleteServerRequest(id="alpha"))
     assert (await watcher.until("removed")).removed.server_id == "alpha"
@@ -141,7 +101,7 @@ async def test_a_deleted_server_is_announced_as_removed(harness: Harness) -> Non
 async def test_a_failed_refresh_is_streamed_and_the_token_stays_valid(harness: Harness) -> None:
     await harness.register()
     current = await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
-    watcher = Watcher(harness, "alpha")
+    watcher = Watcher(harness.tokens, "alpha")
     await watcher.until("synced")
     harness.auth.behaviour.fail_status = 503
     with pytest.raises(grpc.aio.AioRpcError) as caught:  # a broker reports a 401: refresh, fails
@@ -164,7 +124,7 @@ async def test_streams_end_cleanly_when_tokensvc_shuts_down(
 ) -> None:
     async with running_service(tmp_path, auth) as h:
         await h.register()
-        watcher = Watcher(h)
+        watcher = Watcher(h.tokens)
         await watcher.until("synced")
         await h.service.stop(grace=5)
         await asyncio.wait_for(watcher.task, TIMEOUT)  # ends, without an error
