@@ -9,13 +9,24 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tokensvc import logs
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import SECRET, running_service
+from support import CLIENT_ID, SECRET, running_service
 
+PRIVATE_KEY = (
+    rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    .private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    .decode()
+)
 WRONG_SECRET = "wrong-Secret:+%ü-9c2e"
 
 
@@ -54,6 +65,19 @@ async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(
     async with running_service(data_dir, auth, run_scheduler=False) as h:
         responses.append((await h.register()).SerializeToString())
         responses.append((await h.register("other", secret=WRONG_SECRET)).SerializeToString())
+        keyed = pb.RegisterServerRequest(
+            server=pb.Server(
+                id="keyed",
+                mcp_url="http://127.0.0.1:9/mcp",
+                token_endpoint=auth.token_endpoint,
+                client_id=CLIENT_ID,
+            ),
+            private_key_pem=PRIVATE_KEY,
+        )
+        responses.append((await h.admin.RegisterServer(keyed)).SerializeToString())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # this server does no private_key_jwt
+            await h.tokens.GetToken(pb.GetTokenRequest(server_id="keyed"))
+        errors.append(repr(refused.value) + str(refused.value.trailing_metadata()))
         responses.append(
             (await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))).SerializeToString()
         )
@@ -86,15 +110,16 @@ async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(
         for fmt in (logs.TextFormatter(), logs.JsonFormatter())
     )
     assert "token fetched" in log_text and "alpha" in log_text
-    for secret in (SECRET, WRONG_SECRET, *tokens):
+    key_lines = [line for line in PRIVATE_KEY.splitlines() if "-----" not in line]
+    for secret in (SECRET, WRONG_SECRET, *tokens, *key_lines):
         for form in forms(secret):
             assert form not in on_disk_while_running and form not in on_disk_after
             assert form.decode(errors="ignore") not in log_text
             assert all(form.decode(errors="ignore") not in e for e in errors)
-    for secret in (SECRET, WRONG_SECRET):
+    for secret in (SECRET, WRONG_SECRET, *key_lines):
         assert all(secret.encode() not in r for r in responses)
     # The broker's own token is the one secret a response may carry.
-    assert tokens[0].encode() in responses[2]
+    assert tokens[0].encode() in responses[3]
 
 
 def _data_files(data_dir: Path) -> bytes:
