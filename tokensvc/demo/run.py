@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -123,11 +124,17 @@ async def run_demo(
         )
         tools = await session.list_tools()
         say(f"tools: {', '.join(t.name for t in tools.tools)}")
-        with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
-            while deadline is None or time.monotonic() < deadline:
-                started = time.monotonic()
-                await _call(session, tokens, tally, say)
-                await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+        # Ctrl-C (or SIGTERM) ends the demo like --duration does: with the tally.
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            started = time.monotonic()
+            await _call(session, tokens, tally, say)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    stop.wait(), max(0.0, interval - (time.monotonic() - started))
+                )
         tally.done = True  # what arrives while everything shuts down is not news
         say(tally.line(mcp.rejected, auth.token_requests, token_auth.retries))
         return 0 if tally.failures == 0 and tally.calls > 0 else 1
