@@ -4,6 +4,7 @@ database per test), key rings, stores."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -15,11 +16,13 @@ from typing import Any
 
 import asyncpg
 import grpc
+import httpcore2
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
+from tokensvc.egress import Egress, UrlPolicy, is_loopback
 from tokensvc.server import Service
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
@@ -107,6 +110,63 @@ class FakeClock:
         self.now += timedelta(seconds=seconds)
 
 
+# --- outbound requests: a scripted resolver, and a record of every connect -------
+
+
+class ScriptedResolver:
+    """Answers each name from a script: the n-th lookup of a name gets the
+    n-th answer (the last one repeats). Unscripted names do not resolve."""
+
+    def __init__(self, **answers: list[list[str]]) -> None:
+        self.answers = {name.replace("_", "."): script for name, script in answers.items()}
+        self.lookups: list[str] = []
+
+    def script(self, name: str, *answers: list[str]) -> None:
+        self.answers[name] = list(answers)
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        script = self.answers.get(host)
+        if not script:
+            raise OSError(f"{host} is not scripted")
+        answer = script[min(self.lookups.count(host), len(script) - 1)]
+        self.lookups.append(host)
+        return answer
+
+
+class RecordingNetwork(httpcore2.AsyncNetworkBackend):
+    """The network under egress: records the address of every connect and
+    really connects only to loopback; anything else is recorded and refused,
+    so a test can never send a packet off this host."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore2.AnyIOBackend()
+        self.connects: list[str] = []
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore2's signature)
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        self.connects.append(host)
+        if not is_loopback(ipaddress.ip_address(host)):
+            raise httpcore2.ConnectError(f"test network: {host} is not loopback")
+        return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+    @property
+    def off_loopback(self) -> list[str]:
+        return [h for h in self.connects if not is_loopback(ipaddress.ip_address(h))]
+
+
+def scripted_egress(resolver: ScriptedResolver, network: RecordingNetwork, **policy: Any) -> Egress:
+    return Egress(UrlPolicy(resolver=resolver, **policy), network=network)
+
+
 # --- a real service on a real socket, with a real authorization server ----------
 
 SECRET = "cs-Sup3r:Secret+%é€-7f1a"  # : + % and non-ASCII, through client_secret_basic
@@ -164,6 +224,7 @@ async def running_service(
     keys: str = "",
     clock: Clock = utcnow,
     run_scheduler: bool | None = None,
+    egress: Egress | None = None,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
     """A service; with a fake clock, its scheduler is left to the test."""
@@ -178,6 +239,7 @@ async def running_service(
         ).validate(),
         clock=clock,
         run_scheduler=clock is utcnow if run_scheduler is None else run_scheduler,
+        egress=egress,
     )
     await service.start()
     # Its own connection: by default channels to one address share gRPC's global

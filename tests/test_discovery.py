@@ -157,6 +157,16 @@ BAD_DOCUMENTS: list[tuple[str, Callable[[Documents], Callable[[Request], Respons
         lambda d: lambda _r: RedirectResponse("http://169.254.169.254/latest/meta-data"),
         "metadata",
     ),
+    (
+        "redirect to the NAT64 form of a metadata address",
+        lambda d: lambda _r: RedirectResponse("https://[64:ff9b::a9fe:a9fe]/latest/meta-data"),
+        "metadata",
+    ),
+    (
+        "redirect to Alibaba's metadata address",
+        lambda d: lambda _r: RedirectResponse("https://100.100.100.200/latest/meta-data"),
+        "metadata",
+    ),
 ]
 
 

@@ -24,6 +24,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from tokensvc.demo.authserver import AuthServer, Behaviour
+from tokensvc.egress import Egress
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -100,15 +101,18 @@ def server(authserver: AuthServer) -> AuthServer:
 
 
 def mock_fetcher(
-    handler: Callable[[httpx2.Request], httpx2.Response], **kwargs: object
+    handler: Callable[[httpx2.Request], httpx2.Response],
+    max_response_bytes: int = 65536,
+    **kwargs: object,
 ) -> TokenFetcher:
-    return TokenFetcher(transport=httpx2.MockTransport(handler), **kwargs)  # type: ignore[arg-type]
+    egress = Egress(transport=httpx2.MockTransport(handler), max_response_bytes=max_response_bytes)
+    return TokenFetcher(egress, **kwargs)  # type: ignore[arg-type]
 
 
 async def mock_fetch(
     handler: Callable[[httpx2.Request], httpx2.Response], **kwargs: object
 ) -> Token:
-    fetcher = mock_fetcher(handler, **kwargs)
+    fetcher = mock_fetcher(handler, **kwargs)  # type: ignore[arg-type]
     try:
         return await fetcher.fetch(spec_for(MOCK_ENDPOINT), credential())
     finally:
@@ -642,7 +646,7 @@ async def test_a_server_slower_than_the_timeout_raises_unavailable_in_time(
     server: AuthServer,
 ) -> None:
     server.behaviour.delay = 0.8
-    fetcher = TokenFetcher(timeout=0.3)
+    fetcher = TokenFetcher(Egress(timeout=0.3))
     loop = asyncio.get_running_loop()
     started = loop.time()
 

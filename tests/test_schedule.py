@@ -12,6 +12,7 @@ import pytest
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer, Behaviour
+from tokensvc.egress import Egress
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -125,7 +126,7 @@ async def world(tmp_path: Path, auth: AuthServer) -> AsyncIterator[World]:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
     await migrate.upgrade(engine)
     store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
-    fetcher = TokenFetcher(clock=clock, timeout=0.5)
+    fetcher = TokenFetcher(Egress(timeout=0.5), clock=clock)
     manager = TokenManager(
         store, fetcher.fetch, clock=clock, policy=RefreshPolicy(jitter=0), rng=random.Random(0)
     )

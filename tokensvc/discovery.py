@@ -18,8 +18,9 @@ from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
+from tokensvc.egress import Answer, UrlPolicy
 from tokensvc.errors import InvalidArgument
-from tokensvc.registration import CredentialKind, ServerSpec, UrlPolicy, choose_auth_method
+from tokensvc.registration import CredentialKind, ServerSpec, choose_auth_method
 from tokensvc.token import Clock, utcnow
 
 RESOURCE_METADATA = re.compile(r'resource_metadata="([^"]+)"')
@@ -61,18 +62,11 @@ class Discovery:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
 class Getter(Protocol):
     """A GET under the URL policy, size cap and redirect limit; raises
     InvalidArgument(field, why) when the URL may not be fetched or fails."""
 
-    async def __call__(self, url: str, field: str) -> Answer: ...
+    async def __call__(self, url: str, field: str, /) -> Answer: ...
 
 
 def complete(spec: ServerSpec, kind: CredentialKind | None, found: Discovery | None) -> ServerSpec:

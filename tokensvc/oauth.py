@@ -1,6 +1,7 @@
 """One token request: client credentials in, a :class:`Token` or a :class:`FetchError` out.
 
-This is the only module that imports authlib's client and httpx2. authlib does
+This is the only module that imports authlib's client; its requests leave
+through egress.py like every other outbound request. authlib does
 the wire (form body, client authentication); everything it would decide on
 its own is taken back here, because its choices are wrong for us:
 
@@ -24,17 +25,14 @@ import base64
 import json
 import math
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, NoReturn
 from urllib.parse import quote_plus, urlencode
 
-import httpx2
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
 
-from tokensvc.discovery import Answer
+from tokensvc.egress import Egress, HTTPError, Response, ResponseRefused, words
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -52,7 +50,6 @@ from tokensvc.registration import (
     Credential,
     CredentialKind,
     ServerSpec,
-    UrlPolicy,
     choose_auth_method,
 )
 from tokensvc.token import Clock, Token, utcnow
@@ -62,7 +59,6 @@ from tokensvc.token import Clock, Token, utcnow
 MAX_LIFETIME = timedelta(days=366)
 MAX_ERROR = 64
 MAX_ERROR_DESCRIPTION = 256
-MAX_REDIRECTS = 3
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 CREDENTIAL_ERRORS = frozenset({"invalid_client", "unauthorized_client"})
 # Error codes that say "later", whatever the status code they come with.
@@ -85,28 +81,21 @@ class TokenFetcher:
 
     def __init__(
         self,
+        egress: Egress | None = None,
         *,
-        timeout: float = 10.0,
-        max_response_bytes: int = 65536,
         default_lifetime: timedelta = timedelta(seconds=300),
-        url_policy: UrlPolicy = UrlPolicy(),  # noqa: B008 (frozen, so sharing is safe)
         clock: Clock = utcnow,
-        transport: httpx2.AsyncBaseTransport | None = None,
-        user_agent: str = "tokensvc",
     ) -> None:
-        self._timeout = timeout
+        self._own_egress = egress is None
+        self._egress = egress or Egress()
+        self._timeout = self._egress.timeout
         self._default_lifetime = default_lifetime
-        self._url_policy = url_policy
+        self._url_policy = self._egress.policy
         self._clock = clock
         self._client = _Client(
-            transport=_SizeLimited(transport or httpx2.AsyncHTTPTransport(), max_response_bytes),
-            timeout=httpx2.Timeout(timeout),
-            follow_redirects=False,
-            # Environment proxies and .netrc would send requests around the URL policy.
-            trust_env=False,
-            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            **self._egress.client_options(),
             # A compressed body would escape the size cap once decoded.
-            headers={"Accept-Encoding": "identity", "User-Agent": user_agent},
+            headers={"Accept-Encoding": "identity", "User-Agent": self._egress.user_agent},
         )
 
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
@@ -145,17 +134,12 @@ class TokenFetcher:
             raise result  # here, outside any except block: no __context__ to leak
         return _read_response(result, spec, secret, self._clock(), self._default_lifetime)
 
-    async def _send(self, spec: ServerSpec, auth: OAuth2ClientAuth) -> httpx2.Response | FetchError:
+    async def _send(self, spec: ServerSpec, auth: OAuth2ClientAuth) -> Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
         try:
             async with asyncio.timeout(self._timeout):
-                try:
-                    await self._url_policy.check("server.token_endpoint", spec.token_endpoint)
-                except HostNotResolved:
-                    return _unreachable("its host name does not resolve")
-                except InvalidArgument as exc:
-                    return TokenRequestRejected(f"token request not sent: {exc.message}")
-                response: httpx2.Response = await self._client.fetch_token(
+                self._url_policy.check_syntax("server.token_endpoint", spec.token_endpoint)
+                response: Response = await self._client.fetch_token(
                     spec.token_endpoint,
                     grant_type="client_credentials",
                     auth=auth,
@@ -167,50 +151,28 @@ class TokenFetcher:
                     audience=spec.audience,
                 )
                 return response
+        except HostNotResolved:
+            return _unreachable("its host name does not resolve")
+        except InvalidArgument as exc:
+            why = exc.message.removeprefix(f"{exc.field}: ")
+            return TokenRequestRejected(f"token request not sent: server.token_endpoint {why}")
         except TimeoutError:
             return _unreachable(f"no answer within {self._timeout:g} s")
-        except _ResponseRefused as exc:
+        except ResponseRefused as exc:
             return InvalidTokenResponse(exc.reason, OAuthErrorFields(status_code=exc.status))
-        except httpx2.HTTPError as exc:
-            return _unreachable(_words(type(exc).__name__))
+        except HTTPError as exc:
+            return _unreachable(words(type(exc).__name__))
         except Exception as exc:  # authlib and h11 have more; none may escape raw.
             return _unreachable(f"unexpected {type(exc).__name__}")
 
-    async def get(self, url: str, field: str) -> Answer:
-        """A GET for discovery: the URL policy on every hop, at most
-        MAX_REDIRECTS redirects, the size cap, the timeout. Failures are
-        InvalidArgument(field, why), never carrying a body."""
-        try:
-            async with asyncio.timeout(self._timeout):
-                for _ in range(MAX_REDIRECTS + 1):
-                    await self._url_policy.check(field, url)
-                    response = await self._client.request(
-                        "GET", url, withhold_token=True, headers={"Accept": "application/json"}
-                    )
-                    if response.status_code not in (301, 302, 303, 307, 308):
-                        return Answer(
-                            response.status_code,
-                            {k.lower(): v for k, v in response.headers.items()},
-                            response.content,
-                        )
-                    url = str(response.url.join(response.headers.get("Location", "")))
-                failure = f"more than {MAX_REDIRECTS} redirects"
-        except InvalidArgument:
-            raise
-        except TimeoutError:
-            failure = f"no answer within {self._timeout:g} s"
-        except _ResponseRefused as exc:
-            failure = exc.reason
-        except Exception as exc:  # httpx2 and h11 errors: their kind, never their text
-            failure = _words(type(exc).__name__)
-        raise InvalidArgument(field, f"{url[:200]} could not be fetched: {failure}")
-
     async def aclose(self) -> None:
         await self._client.aclose()
+        if self._own_egress:
+            await self._egress.aclose()
 
 
 class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
-    def parse_response_token(self, resp: httpx2.Response) -> httpx2.Response:
+    def parse_response_token(self, resp: Response) -> Response:
         # Hand the response back untouched; _read_response parses it. (authlib
         # would also store it in self.token, shared state we do not want.)
         return resp
@@ -245,64 +207,8 @@ def _encode_client_secret_basic(
     return uri, headers, body
 
 
-class _ResponseRefused(Exception):
-    """Raised inside the transport; becomes InvalidTokenResponse in fetch."""
-
-    def __init__(self, reason: str, status: int) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-class _SizeLimited(httpx2.AsyncBaseTransport):
-    """Stops reading a response body once it passes ``limit`` bytes."""
-
-    def __init__(self, inner: httpx2.AsyncBaseTransport, limit: int) -> None:
-        self._inner = inner
-        self._limit = limit
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = await self._inner.handle_async_request(request)
-        status = response.status_code
-        length = response.headers.get("Content-Length", "")
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        problem = ""
-        if encoding not in ("", "identity"):
-            problem = f"response is {encoding[:20]}-encoded although identity was asked for"
-        elif re.fullmatch(r"[0-9]{1,20}", length) and int(length) > self._limit:
-            problem = f"response larger than {self._limit} bytes"
-        if problem or not isinstance(response.stream, httpx2.AsyncByteStream):
-            await response.aclose()
-            raise _ResponseRefused(problem or "response is not an async stream", status)
-        return httpx2.Response(
-            status,
-            headers=response.headers,
-            stream=_LimitedStream(response.stream, self._limit, status),
-            extensions=response.extensions,
-        )
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class _LimitedStream(httpx2.AsyncByteStream):
-    def __init__(self, inner: httpx2.AsyncByteStream, limit: int, status: int) -> None:
-        self._inner, self._limit, self._status = inner, limit, status
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        received = 0
-        async for chunk in self._inner:
-            received += len(chunk)
-            if received > self._limit:
-                raise _ResponseRefused(f"response larger than {self._limit} bytes", self._status)
-            yield chunk
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
 def _read_response(
-    response: httpx2.Response,
+    response: Response,
     spec: ServerSpec,
     secret: str,
     received: datetime,
@@ -435,8 +341,3 @@ def _clean(value: object, limit: int, secret: str) -> str:
 
 def _unreachable(why: str) -> AuthorizationServerUnavailable:
     return AuthorizationServerUnavailable(f"could not reach the token endpoint: {why}")
-
-
-def _words(name: str) -> str:
-    """``ConnectTimeout`` -> ``connect timeout``: the kind of failure, never its text."""
-    return re.sub(r"(?<!^)(?=[A-Z])", " ", name).lower()

@@ -13,17 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tokensvc.discovery import Discovery, Getter, complete, discover, needs_discovery
+from tokensvc.discovery import Discovery, complete, discover, needs_discovery
+from tokensvc.egress import Egress, Response
 from tokensvc.errors import FetchError, InvalidArgument
 from tokensvc.manager import Fetch
-from tokensvc.registration import Credential, ServerSpec, UrlPolicy
+from tokensvc.registration import Credential, ServerSpec
 from tokensvc.token import Token
-
-STEP_TIMEOUT = 10.0
 
 
 @dataclass
@@ -53,8 +51,7 @@ async def probe(
     discovery: Discovery | None,
     *,
     fetch: Fetch,
-    get: Getter,
-    policy: UrlPolicy,
+    egress: Egress,
     call_mcp: bool,
 ) -> list[Step]:
     steps: list[Step] = []
@@ -63,7 +60,7 @@ async def probe(
         steps.append(step)
         async with _timed(step):
             try:
-                discovery = await discover(spec, get, policy)
+                discovery = await discover(spec, egress.get, egress.policy)
             except InvalidArgument as exc:
                 step.detail, step.reason = exc.message, exc.reason
                 return steps
@@ -88,31 +85,25 @@ async def probe(
             f"valid {int(token.lifetime.total_seconds())} s"
         )
     if call_mcp:
-        steps += await _call_mcp(spec.mcp_url, token, policy)
+        steps += await _call_mcp(spec.mcp_url, token, egress)
     return steps
 
 
-async def _call_mcp(url: str, token: Token, policy: UrlPolicy) -> list[Step]:
+async def _call_mcp(url: str, token: Token, egress: Egress) -> list[Step]:
     initialize, list_tools = Step("mcp_initialize"), Step("mcp_list_tools")
     try:
-        await policy.check("server.mcp_url", url)
+        egress.policy.check_syntax("server.mcp_url", url)
     except InvalidArgument as exc:
         initialize.detail, initialize.reason = exc.message, exc.reason
         return [initialize]
     statuses: list[int] = []
 
-    async def remember(response: httpx2.Response) -> None:
+    async def remember(response: Response) -> None:
         statuses.append(response.status_code)
 
     headers = {"Authorization": f"{token.token_type} {token.access_token}"}
     async with (
-        httpx2.AsyncClient(
-            headers=headers,
-            timeout=STEP_TIMEOUT,
-            follow_redirects=False,
-            trust_env=False,
-            event_hooks={"response": [remember]},
-        ) as http,
+        egress.client(headers=headers, event_hooks={"response": [remember]}) as http,
         _timed(initialize),
     ):
         try:
@@ -131,10 +122,23 @@ async def _call_mcp(url: str, token: Token, policy: UrlPolicy) -> list[Step]:
                 raise
             failed = list_tools if initialize.ok else initialize
             failed.http_status = next((s for s in statuses if s >= 400), 0)
-            failed.detail = (
-                f"the MCP server answered HTTP {failed.http_status}"
-                if failed.http_status
-                else f"the MCP call failed ({type(exc).__name__})"
-            )
             failed.reason = "MCP_CALL_FAILED"
+            if refused := _refusal(exc):
+                failed.detail = f"not sent: {refused.message}"
+                failed.reason = refused.reason
+            elif failed.http_status:
+                failed.detail = f"the MCP server answered HTTP {failed.http_status}"
+            else:
+                failed.detail = f"the MCP call failed ({type(exc).__name__})"
     return [initialize, list_tools] if initialize.ok else [initialize]
+
+
+def _refusal(exc: BaseException) -> InvalidArgument | None:
+    """The egress refusal inside what the SDK raised, if that is what it was."""
+    if isinstance(exc, InvalidArgument):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if found := _refusal(inner):
+                return found
+    return _refusal(exc.__cause__) if exc.__cause__ is not None else None

@@ -6,22 +6,18 @@ stored; a rejection names the request field and what would be accepted.
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from urllib.parse import urlsplit
 
-from tokensvc.errors import HostNotResolved, InvalidArgument
+from tokensvc.egress import MAX_URL, UrlPolicy
+from tokensvc.errors import InvalidArgument
 from tokensvc.keys import RSA_ALGS, check_private_key
 from tokensvc.token import Secret
 
 SIGNING_ALGS = (*RSA_ALGS, "ES256", "ES384", "ES512")
 ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
-MAX_URL = 2048
 MAX_CLIENT_ID = 512
 MAX_SECRET = 4096
 MAX_PRIVATE_KEY = 16384
@@ -46,8 +42,6 @@ RESERVED_PARAMS = frozenset(
         "client_assertion_type",
     }
 )
-# Cloud metadata services that are not link-local (AWS IPv6 IMDS).
-METADATA_ADDRESSES = frozenset({ipaddress.ip_address("fd00:ec2::254")})
 
 
 class AuthMethod(StrEnum):
@@ -122,104 +116,6 @@ def validate_server_id(value: str, field_name: str = "id") -> str:
             "'.', '_' and '-', starting with a letter or digit",
         )
     return value
-
-
-@dataclass(frozen=True, slots=True)
-class UrlPolicy:
-    """Where tokensvc may send requests: https anywhere public, http only on
-    loopback (or anywhere, with ``allow_insecure_http``); never link-local,
-    cloud metadata or unspecified addresses, whatever a name resolves to."""
-
-    allow_insecure_http: bool = False
-    resolve: bool = True
-
-    def check_syntax(self, field_name: str, url: str) -> str:
-        """Checks what can be checked without the network; returns the url."""
-        if not url:
-            raise InvalidArgument(field_name, "is required: an https:// URL")
-        if len(url) > MAX_URL:
-            raise InvalidArgument(field_name, f"is longer than {MAX_URL} characters")
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise InvalidArgument(field_name, f"is not a valid URL ({exc})") from None
-        del port
-        if parts.scheme not in ("https", "http") or not parts.hostname:
-            raise InvalidArgument(field_name, "must be an absolute https:// URL with a host")
-        if parts.username is not None or parts.password is not None:
-            raise InvalidArgument(field_name, "must not carry credentials (user:password@)")
-        if parts.fragment:
-            raise InvalidArgument(field_name, "must not have a #fragment")
-        host = parts.hostname
-        literal = _ip_literal(host)
-        if literal is not None:
-            self._check_address(field_name, literal)
-        if (
-            parts.scheme == "http"
-            and not self.allow_insecure_http
-            and not _is_loopback_host(host, literal)
-        ):
-            raise InvalidArgument(
-                field_name,
-                "must use https (plain http is accepted only for loopback hosts, "
-                "or with the allow-insecure-http setting)",
-            )
-        return url
-
-    async def check(self, field_name: str, url: str) -> str:
-        """Checks the URL and, unless resolution is off, every address its host
-        resolves to (so a public name cannot point at a metadata service)."""
-        self.check_syntax(field_name, url)
-        host = urlsplit(url).hostname or ""
-        if not self.resolve or _ip_literal(host) is not None:
-            return url
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(
-                loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout=5
-            )
-        except (OSError, TimeoutError):
-            raise HostNotResolved(
-                field_name, f"host {host!r} does not resolve: check the name"
-            ) from None
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            self._check_address(field_name, address, host)
-        return url
-
-    @staticmethod
-    def _check_address(
-        field_name: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str = ""
-    ) -> None:
-        mapped = getattr(address, "ipv4_mapped", None)
-        if mapped is not None:
-            address = mapped
-        via = f" ({host} resolves to {address})" if host else ""
-        if address.is_link_local or address in METADATA_ADDRESSES:
-            raise InvalidArgument(
-                field_name,
-                f"points at a link-local or cloud metadata address{via}, which is refused",
-            )
-        if address.is_unspecified or address.is_multicast:
-            raise InvalidArgument(
-                field_name, f"points at an unspecified or multicast address{via}, which is refused"
-            )
-
-
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return None
-
-
-def _is_loopback_host(
-    host: str, literal: ipaddress.IPv4Address | ipaddress.IPv6Address | None
-) -> bool:
-    if literal is not None:
-        return literal.is_loopback
-    return host == "localhost" or host.endswith(".localhost")
 
 
 def _check_text(field_name: str, value: str, limit: int, what: str) -> None:

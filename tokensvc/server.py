@@ -28,10 +28,10 @@ from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.crypto import KeyRing, load_keyring
 from tokensvc.discovery import discover
+from tokensvc.egress import Egress
 from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
-from tokensvc.registration import UrlPolicy
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
@@ -87,6 +87,8 @@ class Service:
     settings: Settings
     clock: Clock = utcnow
     fetcher: TokenFetcher | None = None
+    # Every outbound request; tests give one with a scripted resolver.
+    egress: Egress | None = None
     # Off in tests that drive the schedule themselves with a fake clock.
     run_scheduler: bool = True
     port: int = 0
@@ -116,15 +118,17 @@ class Service:
         # share a hostname and pid (containers) still hear each other.
         origin = f"{self.replica_id}:{secrets.token_hex(4)}"
         self.store = await open_store(settings, keyring_for(settings), self.clock, origin)
-        policy = UrlPolicy(allow_insecure_http=settings.allow_insecure_http)
-        if self.fetcher is None:
-            self.fetcher = TokenFetcher(
+        if self.egress is None:
+            self.egress = Egress(
+                settings.url_policy,
                 timeout=settings.http_timeout,
                 max_response_bytes=settings.max_response_bytes,
-                default_lifetime=settings.default_lifetime,
-                url_policy=policy,
-                clock=self.clock,
                 user_agent=f"tokensvc/{__version__} ({self.replica_id})",
+            )
+        policy = self.egress.policy
+        if self.fetcher is None:
+            self.fetcher = TokenFetcher(
+                self.egress, default_lifetime=settings.default_lifetime, clock=self.clock
             )
         self.manager = TokenManager(
             self.store,
@@ -133,7 +137,7 @@ class Service:
             min_valid_for=settings.default_min_valid_for,
             policy=settings.refresh_policy,
             discover=functools.partial(
-                discover, get=self.fetcher.get, policy=policy, clock=self.clock
+                discover, get=self.egress.get, policy=policy, clock=self.clock
             ),
         )
         server = grpc.aio.server(
@@ -179,8 +183,7 @@ class Service:
             AdminServicer(
                 self.store,
                 self.manager,
-                policy,
-                self.fetcher.get,
+                self.egress,
                 self.fetcher.fetch,
                 self.auth,
                 access,
@@ -296,6 +299,8 @@ class Service:
         if self.fetcher is not None:
             await self.fetcher.aclose()
             self.fetcher = None
+        if self.egress is not None:
+            await self.egress.aclose()
         if self.store is not None:
             await self.store.close()
             self.store = None

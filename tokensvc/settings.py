@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tokensvc.egress import UrlPolicy, parse_networks
 from tokensvc.errors import ConfigurationError
 from tokensvc.policy import RefreshPolicy
 
@@ -31,6 +32,11 @@ class Settings:
     # Default: data_dir/keys, created with mode 0600 on first start.
     key_file: Path | None = None
     allow_insecure_http: bool = False
+    # Comma-separated CIDRs outbound requests may not go to, on top of the
+    # addresses always refused (e.g. 10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7),
+    # and CIDRs carved out of those again.
+    egress_refuse: str = ""
+    egress_allow: str = ""
     http_timeout: float = 10.0
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
@@ -91,6 +97,14 @@ class Settings:
         )
 
     @property
+    def url_policy(self) -> UrlPolicy:
+        return UrlPolicy(
+            allow_insecure_http=self.allow_insecure_http,
+            refuse=parse_networks(self.egress_refuse, "egress_refuse"),
+            allow=parse_networks(self.egress_allow, "egress_allow"),
+        )
+
+    @property
     def default_lifetime(self) -> timedelta:
         return timedelta(seconds=self.default_token_lifetime)
 
@@ -135,6 +149,10 @@ class Settings:
                 "give --tls-cert and --tls-key (and --tls-client-ca for mTLS), or --insecure "
                 "to serve plaintext anyway"
             )
+        try:
+            self.url_policy  # noqa: B018 (parses the CIDR lists)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         if self.audit_retention_days <= 0:
             raise ConfigurationError("audit_retention_days must be positive")
         if self.log_format not in ("text", "json"):

@@ -20,12 +20,12 @@ from tokensvc.api.convert import (
 )
 from tokensvc.api.errors import Context, handles_errors
 from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key
-from tokensvc.discovery import Getter, discover, needs_discovery
+from tokensvc.discovery import discover, needs_discovery
+from tokensvc.egress import Egress
 from tokensvc.errors import InvalidArgument
 from tokensvc.manager import Fetch, TokenManager
 from tokensvc.probe import probe
 from tokensvc.registration import (
-    UrlPolicy,
     validate_credential,
     validate_server_id,
     validate_spec,
@@ -47,8 +47,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self,
         store: Store,
         manager: TokenManager,
-        url_policy: UrlPolicy,
-        get: Getter,
+        egress: Egress,
         fetch: Fetch,
         auth: Authenticator,
         access: AccessStore,
@@ -59,8 +58,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self._clock = clock
         self._store = store
         self._manager = manager
-        self._url_policy = url_policy
-        self._get = get
+        self._egress = egress
+        self._url_policy = egress.policy
+        self._get = egress.get
         self._fetch = fetch
 
     @handles_errors
@@ -134,8 +134,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             credential,
             discovery,
             fetch=self._fetch,
-            get=self._get,
-            policy=self._url_policy,
+            egress=self._egress,
             call_mcp=request.call_mcp,
         )
         ok = all(step.ok for step in steps)
