@@ -715,3 +715,18 @@ async def test_the_demo_server_publishes_metadata_and_keys_that_verify_its_token
     }
     key = RSAKey.import_key(jwks["keys"][0])
     assert jwt.decode(token.access_token, key, algorithms=["RS256"]).claims["iss"] == server.issuer
+
+
+async def test_a_token_response_that_echoes_the_secret_keeps_it_out_of_type_and_scopes() -> None:
+    echoed = base64.b64encode(SECRET.encode()).decode()
+    token = await mock_fetch(
+        lambda r: httpx2.Response(
+            200, json={"access_token": "at", "token_type": "Bearer", "scope": f"read {echoed}"}
+        )
+    )
+    assert token.scopes == ("read", "***")
+    as_type = base64.urlsafe_b64encode(SECRET.encode()).decode().rstrip("=")
+    with pytest.raises(InvalidTokenResponse, match="bad token_type"):
+        await mock_fetch(
+            lambda r: httpx2.Response(200, json={"access_token": "at", "token_type": as_type}),
+        )

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import grpc
 import pytest
@@ -16,7 +20,7 @@ from tokensvc import logs
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, running_service
+from support import CLIENT_ID, SECRET, Watcher, running_service
 
 PRIVATE_KEY = (
     rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -127,3 +131,67 @@ def _data_files(data_dir: Path) -> bytes:
     return b"".join(
         p.read_bytes() for p in sorted(data_dir.rglob("*")) if p.is_file() and p.name != "keys"
     )
+
+
+ECHOED = "echo Me:+%/é€ 7b~"  # a space, reserved characters and non-ASCII
+ECHO_CLIENT = "echo client"
+
+
+def echoed_forms() -> dict[str, str]:
+    """The encodings in which authorization servers have been seen to echo
+    what they received back inside ``error_description``."""
+    pair = f"{ECHO_CLIENT}:{ECHOED}".encode()
+    form_pair = f"{quote_plus(ECHO_CLIENT)}:{quote_plus(ECHOED)}".encode()
+    percent = quote(ECHOED, safe="")
+    return {
+        "raw": ECHOED,
+        "form-encoded": quote_plus(ECHOED),
+        "percent-encoded": percent,
+        "lower-case percent": re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), percent),
+        "base64": base64.b64encode(ECHOED.encode()).decode(),
+        "base64url, unpadded": base64.urlsafe_b64encode(ECHOED.encode()).decode().rstrip("="),
+        "base64 of the basic pair": base64.b64encode(form_pair).decode(),
+        "base64 of id:secret": base64.b64encode(pair).decode(),
+        "the whole header": "Basic " + base64.b64encode(form_pair).decode(),
+    }
+
+
+async def test_a_secret_echoed_back_in_any_encoding_is_masked_everywhere(
+    tmp_path: Path, auth: AuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    logs.configure("debug")
+    logging.getLogger().addHandler(caplog.handler)
+    caplog.set_level(logging.DEBUG)
+    auth.add_client(ECHO_CLIENT, ECHOED)
+    echoes = echoed_forms()
+    ids = [f"echo-{i}" for i in range(len(echoes))]
+    seen: list[str] = []
+    data_dir = tmp_path / "data"
+    async with running_service(data_dir, auth, run_scheduler=False) as h:
+        for server_id in ids:
+            await h.register(server_id, secret=ECHOED, client_id=ECHO_CLIENT)
+        watcher = Watcher(h.tokens, *ids)
+        await watcher.until("synced")
+        for server_id, echo in zip(ids, echoes.values(), strict=True):
+            auth.behaviour = Behaviour(
+                fail_status=400,
+                fail_body=json.dumps(
+                    {"error": "invalid_request", "error_description": f"got [{echo}] here"}
+                ),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await h.tokens.GetToken(pb.GetTokenRequest(server_id=server_id))
+            seen.append(repr(caught.value) + str(caught.value.trailing_metadata()))
+            tested = await h.admin.TestServer(pb.TestServerRequest(id=server_id))
+            seen.append(str(tested))
+            failed = await watcher.until("failed", server_id=server_id)
+            seen.append(str(failed))
+            seen.append(str(await h.admin.GetServer(pb.GetServerRequest(id=server_id))))
+        seen.append(str(await h.admin.ListServers(pb.ListServersRequest())))
+        await watcher.close()
+    seen.append(_data_files(data_dir).decode(errors="replace"))
+    seen.append("\n".join(logs.JsonFormatter().format(r) for r in caplog.records))
+    assert "got [***] here" in seen[0], seen[0]  # the echo arrived, masked
+    for name, echo in echoes.items():
+        for text in seen:
+            assert echo not in text, (name, text[:300])

@@ -28,7 +28,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
 
@@ -45,6 +45,8 @@ from tokensvc.errors import (
 )
 from tokensvc.keys import client_assertion
 from tokensvc.registration import (
+    MAX_SCOPE,
+    MAX_SCOPES,
     AssertionAudience,
     AuthMethod,
     Credential,
@@ -68,6 +70,7 @@ TRANSIENT_ERRORS = frozenset({"server_error", "temporarily_unavailable", "slow_d
 ACCESS_TOKEN = re.compile(r"[\x20-\x7e]+")
 TOKEN_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+PERCENT = re.compile(r"%[0-9A-F]{2}")
 
 
 class TokenFetcher:
@@ -132,7 +135,8 @@ class TokenFetcher:
         result = await self._send(spec, auth)
         if isinstance(result, FetchError):
             raise result  # here, outside any except block: no __context__ to leak
-        return _read_response(result, spec, secret, self._clock(), self._default_lifetime)
+        masks = secret_forms(spec.client_id, secret)
+        return _read_response(result, spec, masks, self._clock(), self._default_lifetime)
 
     async def _send(self, spec: ServerSpec, auth: OAuth2ClientAuth) -> Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
@@ -210,7 +214,7 @@ def _encode_client_secret_basic(
 def _read_response(
     response: Response,
     spec: ServerSpec,
-    secret: str,
+    masks: tuple[str, ...],
     received: datetime,
     default_lifetime: timedelta,
 ) -> Token:
@@ -219,9 +223,9 @@ def _read_response(
     body = _json_object(response.content)
     error = (body or {}).get("error")
     fields = OAuthErrorFields(
-        error=_clean(error, MAX_ERROR, secret),
+        error=_clean(error, MAX_ERROR, masks),
         error_description=_clean(
-            (body or {}).get("error_description"), MAX_ERROR_DESCRIPTION, secret
+            (body or {}).get("error_description"), MAX_ERROR_DESCRIPTION, masks
         ),
         status_code=status,
     )
@@ -249,11 +253,19 @@ def _read_response(
             f"token endpoint answered {said} without a usable access_token", fields
         )
     token_type = body.get("token_type", "Bearer")
-    if not isinstance(token_type, str) or not TOKEN_TYPE.fullmatch(token_type):
+    if (
+        not isinstance(token_type, str)
+        or not TOKEN_TYPE.fullmatch(token_type)
+        or _clean(token_type, len(token_type), masks) != token_type
+    ):
         raise InvalidTokenResponse(f"token endpoint answered {said} with a bad token_type", fields)
     if token_type.lower() == "bearer":
         token_type = "Bearer"  # RFC 6749 section 5.1: case-insensitive
     scope = body.get("scope")
+    if isinstance(scope, str):
+        # Scopes are stored and shown: none may echo the secret, nor grow unbounded.
+        scope = " ".join(s for s in scope.split()[:MAX_SCOPES] if len(s) <= MAX_SCOPE)
+        scope = _clean(scope, MAX_SCOPES * (MAX_SCOPE + 1), masks)
     return Token(
         access_token=access_token,
         token_type=token_type,
@@ -329,12 +341,31 @@ def _retry_after(value: str | None, now: datetime) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def _clean(value: object, limit: int, secret: str) -> str:
-    """Server text made safe for messages and metadata: no controls, no secret, bounded."""
+def secret_forms(client_id: str, secret: str) -> tuple[str, ...]:
+    """Every form in which an authorization server might echo the secret: raw,
+    percent-encoded (``+`` or ``%20`` for spaces, either case of hex), base64
+    and base64url (padded or not) of the secret and of the Basic header's
+    ``id:secret`` pair, raw and form-encoded. Longest first."""
+    if not secret:
+        return ()
+    found = set()
+    for text in (secret, f"{client_id}:{secret}", f"{quote_plus(client_id)}:{quote_plus(secret)}"):
+        encoded = [text, quote_plus(text), quote(text, safe=""), quote(text)]
+        for plain in (text.encode(), quote_plus(text).encode()):
+            for b64 in (base64.b64encode(plain), base64.urlsafe_b64encode(plain)):
+                encoded += [b64.decode(), b64.decode().rstrip("="), quote_plus(b64.decode())]
+        for form in encoded:
+            found |= {form, PERCENT.sub(lambda m: m.group().lower(), form)}
+    return tuple(sorted(found - {""}, key=len, reverse=True))
+
+
+def _clean(value: object, limit: int, masks: tuple[str, ...]) -> str:
+    """Server text made safe for messages, storage and streams: no controls,
+    no form of the secret, bounded."""
     if not isinstance(value, str):
         return ""
     text = CONTROL.sub("", value)
-    for form in {secret, quote_plus(secret)} - {""}:
+    for form in masks:
         text = text.replace(form, "***")
     return text[:limit]
 
