@@ -460,9 +460,10 @@ async def test_revoking_a_broker_refuses_its_next_call_and_ends_its_open_stream(
                 tokens.GetToken(pb.GetTokenRequest(server_id="alpha"), metadata=broker_md),
             )
             assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-            # The open stream completes (ends; the broker would reconnect, and be refused).
-            await asyncio.wait_for(asyncio.shield(watcher.task), TIMEOUT)
-            assert await watcher.call.code() == grpc.StatusCode.OK
+            # The open stream ends with UNAUTHENTICATED, unlike a shutdown's OK.
+            await asyncio.wait({watcher.task}, timeout=TIMEOUT)
+            assert await watcher.call.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "revoked" in (await watcher.call.details() or "")
             again = tokens.WatchTokens(pb.WatchTokensRequest(), metadata=broker_md)
             assert (await stream_failure(again)).code() == grpc.StatusCode.UNAUTHENTICATED
             # Another broker's stream goes on.
@@ -488,6 +489,74 @@ async def test_revoking_a_broker_refuses_its_next_call_and_ends_its_open_stream(
 
 
 # --- 5. open mode and where it stops -----------------------------------------------
+
+
+async def test_the_last_admin_cannot_be_revoked_and_the_service_never_reopens(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    [(first, first_key), (broker, _)] = await bootstrap(
+        tmp_path / "data",
+        {"name": "first-admin", "roles": ["admin"]},
+        {"name": "broker", "roles": ["broker"]},
+    )
+    async with running_service(tmp_path / "data", auth) as harness:
+        admin = harness.admin
+        refused = await failure(
+            admin.RevokeCaller(pb.RevokeCallerRequest(id=first.id), metadata=bearer(first_key))
+        )
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_info(refused).reason == "LAST_ADMIN"
+        assert "last admin" in (refused.details() or "")
+        second = await admin.CreateCaller(
+            pb.CreateCallerRequest(name="second-admin", roles=["admin"]),
+            metadata=bearer(first_key),
+        )
+        second_md = bearer(second.key)
+        await admin.RevokeCaller(pb.RevokeCallerRequest(id=first.id), metadata=second_md)
+        await admin.RevokeCaller(pb.RevokeCallerRequest(id=broker.id), metadata=second_md)
+        refused = await failure(
+            admin.RevokeCaller(pb.RevokeCallerRequest(id=second.caller.id), metadata=second_md)
+        )
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        for anonymous in (
+            admin.ListServers(pb.ListServersRequest()),
+            admin.CreateCaller(pb.CreateCallerRequest(name="sneaky", roles=["admin"])),
+        ):
+            assert (await failure(anonymous)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_database_whose_callers_are_all_revoked_refuses_everyone_until_the_cli_adds_one(
+    tmp_path: Path, auth: AuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    data_dir = tmp_path / "data"
+    [(broker, broker_key)] = await bootstrap(data_dir, {"name": "broker", "roles": ["broker"]})
+    settings = Settings(data_dir=data_dir)
+    store = await open_store(settings, keyring_for(settings))
+    try:
+        assert await AccessStore(store.engine).revoke_caller(broker.id, utcnow())
+    finally:
+        await store.close()
+    async with running_service(data_dir, auth) as harness:
+        for call in (
+            harness.admin.ListServers(pb.ListServersRequest()),
+            harness.admin.CreateCaller(pb.CreateCallerRequest(name="sneaky", roles=["admin"])),
+            harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha")),
+        ):
+            refused = await failure(call)
+            assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "every caller is revoked" in (refused.details() or "")
+        revoked = harness.tokens.GetToken(
+            pb.GetTokenRequest(server_id="alpha"), metadata=bearer(broker_key)
+        )
+        assert (await failure(revoked)).code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "every caller is revoked" in caplog.text
+        assert await health(harness.channel) == SERVING
+    [(_, admin_key)] = await bootstrap(data_dir, {"name": "back-in", "roles": ["admin"]})
+    async with running_service(data_dir, auth) as harness:
+        await harness.admin.ListServers(pb.ListServersRequest(), metadata=bearer(admin_key))
+        assert (
+            await failure(harness.admin.ListServers(pb.ListServersRequest()))
+        ).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_open_mode_on_loopback_lasts_until_the_first_caller_exists(

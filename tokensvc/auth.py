@@ -6,9 +6,12 @@ else a DNS SAN, else the common name) or by a bearer key in the
 SHA-256 digests and shown once, at creation. Roles: ``admin`` may call
 AdminService, ``broker`` TokenService, for the server ids its patterns match.
 
-With no caller configured and a loopback listener, tokensvc is open to
-anything on the host (and says so at start). Once any caller exists, every call
-must authenticate. Health and reflection stay open to all.
+With no caller ever created and a loopback listener, tokensvc is open to
+anything on the host (and says so at start). Once any caller has existed (the
+database keeps revoked callers), every call must authenticate, for good: the
+last admin cannot be revoked, and a database whose callers are all revoked
+refuses every call until ``tokensvc create-caller`` adds one on the host.
+Health and reflection stay open to all.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ KEY_PREFIX = "tsk_"
 # How often an unknown key or certificate may make the caller list be re-read
 # (a key created by the CLI, or on another replica, is found without a restart).
 RELOAD_INTERVAL = 1.0
+NO_USABLE_CALLER = (
+    "every caller is revoked, so every call is refused: create a caller on the host "
+    "with 'tokensvc create-caller' (tokensvc does not reopen to anonymous callers)"
+)
 
 
 class Role(StrEnum):
@@ -125,6 +132,7 @@ class Authenticator:
         self._by_id: dict[str, CallerRecord] = {}
         self._by_identity: dict[str, CallerRecord] = {}
         self._loaded_at = 0.0
+        self._ever = False  # a caller has existed (revoked ones included)
         self._lock = asyncio.Lock()
         self.used: dict[str, datetime] = {}  # last use per caller, flushed with the audit
 
@@ -134,12 +142,22 @@ class Authenticator:
 
     @property
     def open(self) -> bool:
-        """No caller configured, on loopback: anything on this host may call."""
-        return self._open_allowed and not self._by_id
+        """No caller ever created, on loopback: anything on this host may call."""
+        return self._open_allowed and not self._ever
+
+    @property
+    def locked_out(self) -> bool:
+        """Callers existed, and every one is revoked: no call can succeed."""
+        return self._ever and not self._by_id
 
     async def load(self) -> None:
-        records = [r for r in await self._access.list_callers() if r.revoke_time is None]
+        every = await self._access.list_callers()
+        records = [r for r in every if r.revoke_time is None]
+        was_locked_out = self.locked_out
+        self._ever = bool(every)
         self._by_id = {r.id: r for r in records}
+        if self.locked_out and not was_locked_out:
+            log.warning(NO_USABLE_CALLER)
         self._by_identity = {r.identity: r for r in records if r.kind == "certificate"}
         self._loaded_at = asyncio.get_running_loop().time()
 
@@ -168,6 +186,8 @@ class Authenticator:
                 )
         elif self.open:
             return _open_caller(peer)
+        elif self.locked_out:
+            raise Unauthenticated(NO_USABLE_CALLER)
         else:
             raise Unauthenticated(
                 "authenticate with a client certificate or 'authorization: Bearer <key>'"

@@ -11,6 +11,7 @@
     ├── StoreUnavailable            UNAVAILABLE          STORE_UNAVAILABLE
     ├── Unauthenticated             UNAUTHENTICATED      UNAUTHENTICATED
     ├── PermissionDenied            PERMISSION_DENIED    PERMISSION_DENIED
+    ├── LastAdmin                   FAILED_PRECONDITION  LAST_ADMIN
     ├── ConfigurationError          (startup only: the process refuses to start)
     ├── DecryptionError             (a ciphertext fails to open: wrong key, moved row, tampering)
     └── FetchError                  a token request failed
@@ -115,6 +116,12 @@ class PermissionDenied(TokenSvcError):
     reason = "PERMISSION_DENIED"
 
 
+class LastAdmin(TokenSvcError):
+    """Revoking this caller would leave no admin: tokensvc never reopens."""
+
+    reason = "LAST_ADMIN"
+
+
 class ConfigurationError(TokenSvcError):
     """A setting, key or database state that stops the service from starting."""
 
@@ -196,6 +203,7 @@ GRPC_STATUS: tuple[tuple[type[TokenSvcError], grpc.StatusCode], ...] = (
     (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (LastAdmin, grpc.StatusCode.FAILED_PRECONDITION),
     (CredentialsRejected, grpc.StatusCode.FAILED_PRECONDITION),
     (TokenRequestRejected, grpc.StatusCode.FAILED_PRECONDITION),
     (TransientFetchError, grpc.StatusCode.UNAVAILABLE),

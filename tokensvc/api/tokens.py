@@ -8,7 +8,7 @@ from tokensvc.api.convert import duration, event_to_proto, synced, token_to_prot
 from tokensvc.api.errors import Context, abort, handles_errors
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator, Caller, Role
-from tokensvc.errors import InvalidArgument, PermissionDenied, TokenSvcError
+from tokensvc.errors import InvalidArgument, PermissionDenied, TokenSvcError, Unauthenticated
 from tokensvc.events import TokenIssued
 from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
@@ -93,6 +93,9 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                         sent.pop(event.server_id, None)
                     sequence += 1
                     yield event_to_proto(event, sequence)
+            if caller.id and caller.id not in self._auth.caller_ids:
+                # Ended because the caller was revoked: say so, unlike a shutdown.
+                await abort(context, Unauthenticated(f"caller {caller.name!r} was revoked"))
         finally:
             bus.unsubscribe(subscription)
 

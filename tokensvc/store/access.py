@@ -12,7 +12,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tokensvc.errors import InvalidArgument
+from tokensvc.errors import InvalidArgument, LastAdmin
 from tokensvc.store.repository import audit_row, transaction
 from tokensvc.store.tables import audit_events, callers
 
@@ -98,7 +98,27 @@ class AccessStore:
         return [_caller(row) for row in rows]
 
     async def revoke_caller(self, caller_id: str, now: datetime) -> CallerRecord | None:
+        """Revokes a caller, unless it is the last admin (LastAdmin). Rows are
+        never deleted: a revoked caller stays the record that callers existed,
+        which keeps open mode from ever coming back."""
         async with transaction(self.engine) as conn:
+            # Locked (SQLite: the write transaction), so that two admins
+            # revoking each other at once cannot both succeed.
+            active = (
+                await conn.execute(
+                    select(callers.c.id, callers.c.name, callers.c.roles)
+                    .where(callers.c.revoke_time.is_(None))
+                    .with_for_update()
+                )
+            ).all()
+            admins = {row.id: row.name for row in active if "admin" in json.loads(row.roles)}
+            if caller_id in admins and len(admins) == 1:
+                raise LastAdmin(
+                    f"caller {admins[caller_id]!r} is the last admin: revoking it would leave "
+                    "no one to administer tokensvc, which never reopens to anonymous callers. "
+                    "Create another admin first (CreateCaller, or tokensvc create-caller on "
+                    "the host), then revoke this one"
+                )
             await conn.execute(
                 update(callers)
                 .where(callers.c.id == caller_id, callers.c.revoke_time.is_(None))
