@@ -140,6 +140,39 @@ async def test_fifty_reports_of_the_current_token_make_one_request(harness: Harn
     assert late.access_token == harness.auth.issued[1] and harness.auth.token_requests == 2
 
 
+async def test_brokers_reporting_every_token_rejected_force_one_refresh_per_interval(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    clock = FakeClock()
+    async with running_service(tmp_path, auth, clock=clock) as h:
+        await h.register()
+        first = await h.tokens.GetToken(get())
+
+        async def broker(held: pb.Token) -> set[str]:
+            """Reports every token it gets as rejected, as fast as it can."""
+            seen = set()
+            for _ in range(30):
+                held = await h.tokens.GetToken(get(rejected_token_sha256=sha(held.access_token)))
+                seen.add(held.access_token)
+            return seen
+
+        rounds = []
+        for _ in range(3):
+            rounds.append(await asyncio.gather(*(broker(first) for _ in range(5))))
+            clock.advance(10)  # the interval (the default): one more forced refresh
+        # 450 reports: the first token, then one forced refresh per interval.
+        assert h.auth.token_requests == 1 + 3
+        assert all(seen == {h.auth.issued[1]} for seen in rounds[0])
+        status = (await h.admin.GetServer(pb.GetServerRequest(id="alpha"))).status
+        assert status.rejected_versions == 3 and status.forced_refresh_time.seconds
+        assert "keeps refusing this server's tokens" in status.warning
+        # A token that lives to its scheduled refresh clears the warning.
+        clock.advance(3600)
+        await h.tokens.GetToken(get())
+        status = (await h.admin.GetServer(pb.GetServerRequest(id="alpha"))).status
+        assert (status.rejected_versions, status.warning) == (0, "")
+
+
 async def test_a_token_near_expiry_is_replaced_and_min_valid_for_is_honoured(
     tmp_path: Path, auth: AuthServer
 ) -> None:

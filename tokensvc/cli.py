@@ -55,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept http:// token endpoints off loopback (never do this in production)",
     )
+    serve.add_argument(
+        "--egress-refuse",
+        help="comma-separated CIDRs outbound requests may not reach, on top of link-local, "
+        "metadata and the other addresses always refused (e.g. 10.0.0.0/8,fc00::/7)",
+    )
+    serve.add_argument("--egress-allow", help="comma-separated CIDRs carved out of --egress-refuse")
+    serve.add_argument(
+        "--min-forced-refresh-interval",
+        type=float,
+        help="seconds between refreshes forced by rejected-token reports, per server (default 10)",
+    )
     serve.add_argument("--grace-period", type=float, help="seconds to drain calls on shutdown")
     serve.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")

@@ -88,6 +88,7 @@ class TokenManager:
         bus: EventBus | None = None,
         rng: random.Random | None = None,
         discover: Callable[[ServerSpec], Awaitable[Discovery]] | None = None,
+        min_forced_refresh_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._store = store
         self._fetch = fetch
@@ -97,6 +98,10 @@ class TokenManager:
         self.bus = bus or EventBus()
         self._rng = rng or random.Random()
         self._discover = discover
+        self.min_forced_refresh_interval = min_forced_refresh_interval
+        # When each server's token was last replaced because it was reported
+        # rejected (here, or as another replica stored it).
+        self._forced_at: dict[str, datetime] = {}
         self.scheduler = Scheduler(self._scheduled_refresh, clock)
         self._cache: dict[str, ServerToken] = {}
         self._flights: dict[str, _Flight] = {}
@@ -152,6 +157,8 @@ class TokenManager:
         replaces = 0
         if cached is not None:
             rejected = bool(rejected_sha256) and cached.token.sha256 == rejected_sha256.lower()
+            if rejected and self._forced_recently(server_id) and self._fresh_enough(cached, wanted):
+                return cached  # one forced refresh per interval, however many report
             if not rejected and self._fresh_enough(cached, wanted):
                 return cached
             replaces = cached.version if rejected else 0
@@ -166,6 +173,13 @@ class TokenManager:
             # the refusal until the backoff ends or an admin changes it.
             raise failing.event.error.with_traceback(None)
         return await self._join_refresh(server_id, replaces, wanted, rejected_sha256)
+
+    def _forced_recently(self, server_id: str) -> bool:
+        """A rejected token was replaced less than the interval ago: a broker
+        (or an MCP server) that keeps refusing tokens must not turn tokensvc
+        into a flood of token requests against the authorization server."""
+        forced = self._forced_at.get(server_id)
+        return forced is not None and self._clock() - forced < self.min_forced_refresh_interval
 
     def _fresh_enough(self, held: ServerToken, wanted: timedelta) -> bool:
         return held.token.valid_for(min(wanted, held.token.lifetime / 2), self._clock())
@@ -232,14 +246,16 @@ class TokenManager:
         context = await self._store.load_for_fetch(server_id)
         stored, record = context.token, context.record
         self._known[server_id] = record.spec.refresh_fraction
-        if (
-            stored is not None
-            and stored.version > replaces
-            and stored.token.sha256 != rejected_sha256.lower()
-            and self._fresh_enough(stored, wanted)
-        ):
-            self._adopt(server_id, epoch, stored)
-            return stored
+        if record.status.forced_refresh_time is not None:
+            self._forced_at[server_id] = record.status.forced_refresh_time
+        rejected = bool(rejected_sha256)
+        if stored is not None and self._fresh_enough(stored, wanted):
+            reported = rejected and stored.token.sha256 == rejected_sha256.lower()
+            replaced = stored.version > replaces and not reported
+            # Another replica may have forced a refresh within the interval.
+            if replaced or (rejected and self._forced_recently(server_id)):
+                self._adopt(server_id, epoch, stored)
+                return stored
         try:
             token, used = await self._fetch_for(context)
         except FetchError as exc:
@@ -254,8 +270,10 @@ class TokenManager:
             raise
         next_refresh = self._refresh_at(server_id, token)
         saved = await self._store.save_token(
-            server_id, record.incarnation, record.revision, token, next_refresh, used
+            server_id, record.incarnation, record.revision, token, next_refresh, used, rejected
         )
+        if saved is not None and rejected:
+            self._forced_at[server_id] = token.issued_at
         if saved is None or self._epochs.get(server_id, 0) != epoch:
             log.info(
                 "fetched token discarded: the registration changed meanwhile",

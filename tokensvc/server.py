@@ -136,6 +136,7 @@ class Service:
             clock=self.clock,
             min_valid_for=settings.default_min_valid_for,
             policy=settings.refresh_policy,
+            min_forced_refresh_interval=timedelta(seconds=settings.min_forced_refresh_interval),
             discover=functools.partial(
                 discover, get=self.egress.get, policy=policy, clock=self.clock
             ),

@@ -41,6 +41,9 @@ class Settings:
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
     min_valid_for: float = 5.0
+    # At most one refresh per server in this many seconds because a broker
+    # reported its token rejected; other reports get the current token.
+    min_forced_refresh_interval: float = 10.0
     grace_period: float = 10.0
     refresh_fraction: float = 0.5
     refresh_jitter: float = 0.05
@@ -133,6 +136,8 @@ class Settings:
             )
         if self.min_valid_for < 0:
             raise ConfigurationError("min_valid_for must not be negative")
+        if not 0 <= self.min_forced_refresh_interval <= 3600:
+            raise ConfigurationError("min_forced_refresh_interval must be between 0 and 3600 s")
         if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:
             raise ConfigurationError("max_response_bytes must be between 1024 and 16777216")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -19,7 +19,7 @@ from tokensvc.registration import (
     ServerSpec,
     sorted_params,
 )
-from tokensvc.store import ServerRecord
+from tokensvc.store import ServerRecord, ServerStatus
 from tokensvc.store.access import AuditEvent, CallerRecord
 from tokensvc.token import Secret, ServerToken
 from tokensvc.v1 import tokensvc_pb2 as pb
@@ -102,6 +102,20 @@ def credential_from_proto(request: pb.RegisterServerRequest) -> Credential | Non
     return None
 
 
+# From this many refused tokens in a row, the status says so in words.
+REJECTED_VERSIONS_WARNING = 2
+
+
+def _warning(status: ServerStatus) -> str:
+    if status.rejected_versions >= REJECTED_VERSIONS_WARNING:
+        return (
+            f"the MCP server keeps refusing this server's tokens: {status.rejected_versions} "
+            "in a row were reported rejected and replaced; check the registration's resource, "
+            "audience and scopes against what the MCP server expects (TestServer with call_mcp)"
+        )
+    return ""
+
+
 def server_to_proto(record: ServerRecord) -> pb.Server:
     spec, status = record.spec, record.status
     out = pb.Server(
@@ -131,6 +145,9 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
             last_fetch_time=timestamp(status.last_fetch_time),
             next_refresh_time=timestamp(status.next_refresh_time),
             token_version=status.token_version,
+            rejected_versions=status.rejected_versions,
+            forced_refresh_time=timestamp(status.forced_refresh_time),
+            warning=_warning(status),
         ),
     )
     if record.discovery is not None:

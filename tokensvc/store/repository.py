@@ -61,6 +61,8 @@ class ServerStatus:
     last_fetch_time: datetime | None = None
     next_refresh_time: datetime | None = None
     last_error: LastError | None = None
+    forced_refresh_time: datetime | None = None
+    rejected_versions: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +328,8 @@ class Store:
                 last_fetch_time=row.last_fetch_time,
                 next_refresh_time=row.next_refresh_time,
                 last_error=last_error,
+                forced_refresh_time=row.forced_refresh_time,
+                rejected_versions=row.rejected_versions,
             ),
         )
 
@@ -555,10 +559,18 @@ class Store:
         token: Token,
         next_refresh: datetime | None = None,
         used: str = "current",
+        forced: bool = False,
     ) -> ServerToken | None:
         """Stores a fetched token as the server's next version, only if the
         server is still the incarnation and revision it was fetched under;
-        otherwise returns None and the token must be thrown away."""
+        otherwise returns None and the token must be thrown away. ``forced``:
+        it replaces a token an MCP server refused."""
+        rejections: dict[str, Any] = {"rejected_versions": 0}
+        if forced:
+            rejections = {
+                "forced_refresh_time": token.issued_at,
+                "rejected_versions": servers.c.rejected_versions + 1,
+            }
         async with self._tx() as conn:
             version = (
                 await conn.execute(
@@ -569,6 +581,7 @@ class Store:
                         last_fetch_time=token.issued_at,
                         next_refresh_time=next_refresh,
                         credential_in_use=used,
+                        **rejections,
                         **NO_ERROR,
                         # The new credential works: the fallback is no longer needed.
                         **(

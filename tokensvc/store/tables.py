@@ -82,6 +82,10 @@ servers = Table(
     Column("last_error_code", String(64)),
     Column("last_error_description", Text),
     Column("last_error_time", UTCDateTime),
+    # The last token replaced because an MCP server refused it, and how many
+    # tokens in a row were (0 once a token lives to its scheduled refresh).
+    Column("forced_refresh_time", UTCDateTime),
+    Column("rejected_versions", BigInteger, nullable=False, server_default="0"),
 )
 
 tokens = Table(

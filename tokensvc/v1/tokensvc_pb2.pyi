@@ -342,18 +342,24 @@ class Server(_message.Message):
     def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., key_id: _Optional[str] = ..., signing_alg: _Optional[str] = ..., assertion_audience: _Optional[_Union[AssertionAudience, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., effective_auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., previous_credential_set: _Optional[bool] = ..., credential_in_use: _Optional[str] = ...) -> None: ...
 
 class TokenStatus(_message.Message):
-    __slots__ = ("expires_at", "last_fetch_time", "next_refresh_time", "last_error", "token_version")
+    __slots__ = ("expires_at", "last_fetch_time", "next_refresh_time", "last_error", "token_version", "rejected_versions", "forced_refresh_time", "warning")
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_FETCH_TIME_FIELD_NUMBER: _ClassVar[int]
     NEXT_REFRESH_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     TOKEN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    FORCED_REFRESH_TIME_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     expires_at: _timestamp_pb2.Timestamp
     last_fetch_time: _timestamp_pb2.Timestamp
     next_refresh_time: _timestamp_pb2.Timestamp
     last_error: FetchError
     token_version: int
-    def __init__(self, expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_fetch_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_refresh_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[_Union[FetchError, _Mapping]] = ..., token_version: _Optional[int] = ...) -> None: ...
+    rejected_versions: int
+    forced_refresh_time: _timestamp_pb2.Timestamp
+    warning: str
+    def __init__(self, expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_fetch_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_refresh_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[_Union[FetchError, _Mapping]] = ..., token_version: _Optional[int] = ..., rejected_versions: _Optional[int] = ..., forced_refresh_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class FetchError(_message.Message):
     __slots__ = ("reason", "error", "error_description", "time")
