@@ -6,6 +6,8 @@ revocation, open mode, the audit trail, certificate rotation and grpcurl.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -13,6 +15,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tokensvc.audit
 from tokensvc.api.admin import create_caller
+from tokensvc.audit import AuditLog
+from tokensvc.auth import Authenticator
 from tokensvc.demo.authserver import AuthServer
-from tokensvc.errors import ConfigurationError
+from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.server import keyring_for, open_store
 from tokensvc.settings import Settings
-from tokensvc.store.access import AccessStore, CallerRecord
+from tokensvc.store import Store
+from tokensvc.store.access import AccessStore, AuditEntry, CallerRecord
 from tokensvc.token import utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
@@ -674,6 +680,72 @@ async def test_serve_off_loopback_exits_2_without_tls_and_warns_when_insecure(
 # --- 6. the audit trail ----------------------------------------------------------
 
 
+async def test_five_hundred_cache_hits_of_one_token_version_make_one_issuance_record(
+    tmp_path: Path, auth: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokensvc.audit, "FLUSH_INTERVAL", 3600.0)
+    async with running_service(tmp_path / "data", auth) as harness:
+        audit = harness.service.audit
+        assert audit is not None
+        await harness.register("alpha")
+        await harness.register("beta")
+        for server_id in ("alpha", "beta"):
+            await asyncio.gather(
+                *(
+                    harness.tokens.GetToken(pb.GetTokenRequest(server_id=server_id))
+                    for _ in range(250)
+                )
+            )
+        watcher = Watcher(harness.tokens, "alpha")
+        await watcher.until("synced")
+        await watcher.close()
+        rotated = await harness.tokens.GetToken(
+            pb.GetTokenRequest(
+                server_id="alpha",
+                rejected_token_sha256=hashlib.sha256(auth.issued[0].encode()).hexdigest(),
+            )
+        )
+        await audit.flush()
+        listed = await harness.admin.ListAuditEvents(pb.ListAuditEventsRequest(page_size=1000))
+    issues = [
+        (e.server_id, json.loads(e.detail_json)["version"])
+        for e in listed.events
+        if e.action == "issue"
+    ]
+    assert sorted(issues) == [("alpha", 1), ("alpha", rotated.version), ("beta", 1)]
+
+
+async def test_while_the_database_is_down_the_audit_queue_is_bounded_and_the_gap_recorded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outage is simulated (the one fake here): a real AccessStore whose
+    writes fail while ``down`` is set."""
+
+    class Outage(AccessStore):
+        down = True
+
+        async def write_audit(self, entries: list[AuditEntry]) -> None:
+            if self.down:
+                raise StoreUnavailable("the database is unavailable (test)")
+            await super().write_audit(entries)
+
+    monkeypatch.setattr(tokensvc.audit, "MAX_PENDING", 50)
+    access = Outage(store.engine)
+    audit = AuditLog(access, Authenticator(access, open_allowed=True), timedelta(days=1))
+    for i in range(80):
+        audit.record("key:broker@test", "issue", "alpha", version=i)
+    with pytest.raises(StoreUnavailable):
+        await audit.flush()
+    audit.record("key:broker@test", "issue", "alpha", version=80)
+    assert audit.dropped == 31
+    access.down = False
+    await audit.flush()
+    written = await access.list_audit(limit=1000)
+    assert len(written) == 51
+    [gap] = [e for e in written if e.action == "audit_dropped"]
+    assert gap.detail == {"count": 31, "limit": 50}
+
+
 async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
     tmp_path: Path,
     auth: AuthServer,
@@ -757,8 +829,8 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
             ("caller_create", "key:admin", ""),
             ("caller_create", "key:admin", ""),
             ("caller_revoke", "key:admin", ""),
-            ("issue", "key:broker", "alpha"),  # GetToken
-            ("issue", "key:broker", "alpha"),  # the WatchTokens delivery
+            # GetToken; the stream's delivery of the same version adds nothing.
+            ("issue", "key:broker", "alpha"),
         ]
         actions = [action for action, _, _ in summary]
         for event in every:
@@ -766,10 +838,9 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
             assert event.peer.startswith("ipv4:127.0.0.1:"), event
             assert event.time.ToDatetime() <= end.ToDatetime()
         issues = [e for e in every if e.action == "issue"]
-        versions = [MessageToDict(e)["detailJson"] for e in issues]
-        assert f'"version": {token.version}' in versions[-1]  # GetToken (oldest of the two)
-        assert '"via": "watch"' in versions[0]
-        assert f'"version": {delivered.token.version}' in versions[0]
+        [detail] = [MessageToDict(e)["detailJson"] for e in issues]
+        assert delivered.token.version == token.version
+        assert f'"version": {token.version}' in detail and "watch" not in detail
         assert all(e.actor == "key:broker" and e.server_id == "alpha" for e in issues)
         revoke = next(e for e in every if e.action == "caller_revoke")
         assert doomed.caller.id in revoke.detail_json and "doomed" in revoke.detail_json
@@ -782,14 +853,14 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
         # Filters.
         assert {e.server_id for e in await events(server_id="beta")} == {"beta"}
         assert [e.action for e in await events(server_id="beta")] == ["delete", "create"]
-        assert len(await events(server_id="alpha")) == 4
-        assert [e.action for e in await events(actor="key:broker")] == ["issue", "issue"]
+        assert len(await events(server_id="alpha")) == 3
+        assert [e.action for e in await events(actor="key:broker")] == ["issue"]
         assert not await events(actor="key:nobody")
         assert not await events(actor="key")  # exact, not a prefix
         before = await events(start_time=start, end_time=middle)
         after = await events(start_time=middle)
         assert [e.action for e in before] == actions[:7][::-1]
-        assert [e.action for e in after] == ["issue", "issue"]
+        assert [e.action for e in after] == ["issue"]
         assert not await events(end_time=start)
         assert sorted(e.id for e in before + after) == sorted(e.id for e in every)
 
@@ -808,21 +879,22 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
             page_token = page.next_page_token
             if not page_token:
                 break
-        assert paged == [e.id for e in every] and pages == 5
+        assert paged == [e.id for e in every] and pages == 4
         # Paging with a filter.
         page = await admin.ListAuditEvents(
-            pb.ListAuditEventsRequest(page_size=1, actor="key:broker"),
+            pb.ListAuditEventsRequest(page_size=1, server_id="alpha"),
             metadata=admin_md,
         )
         rest = await admin.ListAuditEvents(
             pb.ListAuditEventsRequest(
-                page_size=1,
-                actor="key:broker",
+                page_size=2,
+                server_id="alpha",
                 page_token=page.next_page_token,
             ),
             metadata=admin_md,
         )
-        assert [e.id for e in (*page.events, *rest.events)] == [e.id for e in issues]
+        alpha = [e.id for e in every if e.server_id == "alpha"]
+        assert [e.id for e in (*page.events, *rest.events)] == alpha
 
         # Never a secret, key or token: in any field of any event, in the
         # database file, or in tokensvc's log.

@@ -45,7 +45,7 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             duration(request.min_valid_for, "min_valid_for", self._manager.min_valid_for),
             rejected,
         )
-        self._audit.record(caller.actor, "issue", held.server_id, version=held.version)
+        self._audit.issued(caller, held.server_id, held.version)
         return token_to_proto(held)
 
     async def WatchTokens(
@@ -100,6 +100,4 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             bus.unsubscribe(subscription)
 
     def _issued(self, caller: Caller, event: TokenIssued) -> None:
-        self._audit.record(
-            caller.actor, "issue", event.server_id, version=event.token.version, via="watch"
-        )
+        self._audit.issued(caller, event.server_id, event.token.version, via="watch")
