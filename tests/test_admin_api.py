@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import func, select
 
 from tokensvc.demo.authserver import AuthServer
@@ -98,6 +100,10 @@ async def test_deleting_removes_the_server_and_unknown_ids_are_not_found(harness
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         info = error_info(caught.value)
         assert (info.domain, info.reason) == ("tokensvc", "SERVER_NOT_FOUND")
+
+
+def _token(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode()
 
 
 BAD_INPUTS = [
@@ -207,3 +213,29 @@ async def _snapshot(harness: Harness) -> tuple[object, ...]:
         rows = (await conn.execute(select(servers).order_by(servers.c.id))).all()
         audits = (await conn.execute(select(func.count()).select_from(audit_events))).scalar()
     return (tuple(tuple(r) for r in rows), audits)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        (pb.ListAuditEventsRequest(start_time=Timestamp(seconds=2**62)), "start_time"),
+        (pb.ListAuditEventsRequest(end_time=Timestamp(seconds=-(2**62))), "end_time"),
+        (pb.ListAuditEventsRequest(page_token="garbage!"), "page_token"),
+        (pb.ListAuditEventsRequest(page_token=_token("v1:abc")), "page_token"),
+        (pb.ListAuditEventsRequest(page_token=_token("v1:" + "9" * 40)), "page_token"),
+        (pb.ListServersRequest(page_token="garbage!"), "page_token"),
+    ],
+    ids=["start_time", "end_time", "garbage", "not-a-number", "huge", "servers-garbage"],
+)
+async def test_out_of_range_times_and_page_tokens_are_invalid_arguments(
+    harness: Harness, query: object, field: str
+) -> None:
+    call = (
+        harness.admin.ListAuditEvents
+        if isinstance(query, pb.ListAuditEventsRequest)
+        else harness.admin.ListServers
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(query)  # type: ignore[operator]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] == field

@@ -251,6 +251,8 @@ async def test_a_restart_serves_the_stored_token_without_a_new_request(
         ({"server_id": "alpha", "rejected_token_sha256": "abc"}, "rejected_token_sha256"),
         ({"server_id": "alpha", "min_valid_for": Duration(seconds=-1)}, "min_valid_for"),
         ({"server_id": "alpha", "min_valid_for": Duration(seconds=90000)}, "min_valid_for"),
+        ({"server_id": "alpha", "min_valid_for": Duration(seconds=2**62)}, "min_valid_for"),
+        ({"server_id": "alpha", "min_valid_for": Duration(nanos=-5)}, "min_valid_for"),
     ],
 )
 async def test_bad_token_requests_name_the_field(

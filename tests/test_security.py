@@ -207,9 +207,9 @@ async def test_mtls_admits_registered_certificate_identities_and_refuses_the_res
             "name": "team-a",
             "roles": ["broker"],
             "patterns": ["team-a-*"],
-            "identity": "team-a.brokers.example.org",
+            "identity": "dns:team-a.brokers.example.org",
         },
-        {"name": "team-b", "roles": ["broker"], "identity": "broker-team-b"},
+        {"name": "team-b", "roles": ["broker"], "identity": "cn:broker-team-b"},
     )
     async with running_service(
         tmp_path / "data",
@@ -264,6 +264,40 @@ async def test_mtls_admits_registered_certificate_identities_and_refuses_the_res
                 call = admin.ListServers(pb.ListServersRequest(), timeout=TIMEOUT)
                 assert (await failure(call)).code() == grpc.StatusCode.UNAVAILABLE
                 assert (await failure(health(channel))).code() == grpc.StatusCode.UNAVAILABLE
+
+        # Identities are typed: a common name or DNS name that spells another
+        # caller's identity matches nothing.
+        impostors = (
+            ca.client("cn-spiffe", common_name=SPIFFE_ADMIN),
+            ca.client("dns-as-cn", dns=["broker-team-b"]),
+            ca.client("cn-as-dns", common_name="team-a.brokers.example.org"),
+        )
+        for impostor in impostors:
+            async with secure_channel(port, ca.pem, impostor) as channel:
+                admin = pb_grpc.AdminServiceStub(channel)
+                error = await failure(admin.ListServers(pb.ListServersRequest(), timeout=TIMEOUT))
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+                tokens = pb_grpc.TokenServiceStub(channel)
+                error = await failure(tokens.GetToken(pb.GetTokenRequest(server_id="team-a-x")))
+                assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        async with secure_channel(port, ca.pem, by_spiffe) as channel:
+            admin = pb_grpc.AdminServiceStub(channel)
+            callers = await admin.ListCallers(pb.ListCallersRequest(), timeout=TIMEOUT)
+            assert {c.certificate_identity for c in callers.callers} == {
+                "uri:" + SPIFFE_ADMIN,
+                "dns:team-a.brokers.example.org",
+                "cn:broker-team-b",
+            }
+            untyped = admin.CreateCaller(
+                pb.CreateCallerRequest(
+                    name="x", roles=["broker"], certificate_identity="broker.example.org"
+                ),
+                timeout=TIMEOUT,
+            )
+            error = await failure(untyped)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error_info(error).metadata["field"] == "certificate_identity"
+            assert "dns:NAME" in (error.details() or "")
 
         # A good certificate whose identity is no caller: UNAUTHENTICATED.
         stranger = ca.client("stranger", spiffe_id="spiffe://example.org/broker/stranger")

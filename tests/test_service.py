@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
@@ -64,6 +64,39 @@ async def test_migrations_go_up_and_down(database_url: str) -> None:
             tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
         assert tables <= {"alembic_version"}
         assert await migrate.current_revision(engine) is None
+    finally:
+        await engine.dispose()
+
+
+async def test_migration_0005_types_the_certificate_identities_stored_before_it(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    untyped = {"a": "spiffe://example.org/a", "b": "b.example.org", "c": "broker-c"}
+    try:
+        await migrate.upgrade(engine, "0004")
+        async with engine.begin() as conn:
+            for caller_id, identity in untyped.items():
+                await conn.execute(
+                    text(
+                        "INSERT INTO callers (id, name, kind, identity, roles, server_patterns,"
+                        " create_time) VALUES (:id, :id, 'certificate', :identity, '[\"broker\"]',"
+                        " '[\"*\"]', '2026-01-01 00:00:00')"
+                    ),
+                    {"id": caller_id, "identity": identity},
+                )
+        await migrate.upgrade(engine)
+        async with engine.connect() as conn:
+            rows = dict((await conn.execute(text("SELECT id, identity FROM callers"))).all())
+        assert rows == {
+            "a": "uri:spiffe://example.org/a",
+            "b": "dns:b.example.org",
+            "c": "cn:broker-c",
+        }
+        await migrate.downgrade(engine, "0004")
+        async with engine.connect() as conn:
+            rows = dict((await conn.execute(text("SELECT id, identity FROM callers"))).all())
+        assert rows == untyped
     finally:
         await engine.dispose()
 

@@ -1,9 +1,10 @@
 """Who is calling, and may they have this.
 
 A caller is identified by its client certificate under mTLS (a SPIFFE URI SAN,
-else a DNS SAN, else the common name) or by a bearer key in the
-``authorization`` metadata (``Bearer tsk_<id>_<secret>``). Keys are stored as
-SHA-256 digests and shown once, at creation. Roles: ``admin`` may call
+else a DNS SAN, else the common name, each typed: ``uri:``, ``dns:``, ``cn:``)
+or by a bearer key in the ``authorization`` metadata (``Bearer
+tsk_<id>_<secret>``). Keys are stored as SHA-256 digests and shown once, at
+creation. Roles: ``admin`` may call
 AdminService, ``broker`` TokenService, for the server ids its patterns match.
 
 With no caller ever created and a loopback listener, tokensvc is open to
@@ -22,6 +23,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +41,7 @@ from tokensvc.token import Clock, utcnow
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "tsk_"
+DNS_NAME = re.compile(r"(\*\.)?([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}\.?")
 # How often an unknown key or certificate may make the caller list be re-read
 # (a key created by the CLI, or on another replica, is found without a restart).
 RELOAD_INTERVAL = 1.0
@@ -101,7 +104,9 @@ def _open_caller(peer: str) -> Caller:
 
 
 def certificate_identity(auth_context: dict[str, list[bytes]]) -> str:
-    """The client certificate's SPIFFE ID, else its first DNS name, else its CN."""
+    """The client certificate's identity, typed so that one kind never matches
+    another: ``uri:`` its SPIFFE ID, else ``dns:`` its first DNS name, else
+    ``cn:`` its common name."""
     pem = (auth_context.get("x509_pem_cert") or [b""])[0]
     return _identity_of(pem) if pem else ""
 
@@ -117,11 +122,33 @@ def _identity_of(pem: bytes) -> str:
     if names is not None:
         for uri in names.get_values_for_type(x509.UniformResourceIdentifier):
             if uri.startswith("spiffe://"):
-                return str(uri)
+                return f"uri:{uri}"
         for dns in names.get_values_for_type(x509.DNSName):
-            return str(dns)
+            return f"dns:{dns}"
     common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(common[0].value) if common else ""
+    return f"cn:{common[0].value!s}" if common else ""
+
+
+def typed_identity(value: str, field: str = "certificate_identity") -> str:
+    """A caller's certificate identity as stored: ``uri:spiffe://...``,
+    ``dns:NAME`` or ``cn:NAME``; a bare SPIFFE ID is taken as ``uri:``."""
+    if value.startswith("spiffe://"):
+        value = "uri:" + value
+    kind, _, name = value.partition(":")
+    if len(value) > 512 or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidArgument(field, "must be at most 512 printable characters")
+    if kind == "uri" and name.startswith("spiffe://") and len(name) > len("spiffe://"):
+        return value
+    if kind == "dns" and DNS_NAME.fullmatch(name):
+        return value.lower()
+    if kind == "cn" and name:
+        return value
+    raise InvalidArgument(
+        field,
+        f"{value[:80]!r} does not say which kind of identity it is: give uri:spiffe://..., "
+        "dns:NAME (the certificate's first DNS name) or cn:NAME (its common name, for "
+        "certificates without SANs)",
+    )
 
 
 class Authenticator:

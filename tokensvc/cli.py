@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="server ids a broker may see (default *)",
     )
     caller.add_argument(
-        "--certificate-identity", default="", help="a SPIFFE ID, DNS name or CN: no key, mTLS"
+        "--certificate-identity",
+        default="",
+        help="uri:spiffe://..., dns:NAME or cn:NAME: no key, mTLS",
     )
 
     rotate = commands.add_parser(

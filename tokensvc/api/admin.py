@@ -6,7 +6,7 @@ import base64
 import binascii
 import logging
 import secrets
-from datetime import UTC, datetime
+from datetime import datetime
 
 from google.protobuf.empty_pb2 import Empty
 
@@ -14,12 +14,13 @@ from tokensvc.api.convert import (
     audit_to_proto,
     caller_to_proto,
     credential_from_proto,
+    moment,
     server_to_proto,
     spec_from_proto,
     step_to_proto,
 )
 from tokensvc.api.errors import Context, handles_errors
-from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key
+from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key, typed_identity
 from tokensvc.discovery import discover, needs_discovery
 from tokensvc.egress import Egress
 from tokensvc.errors import InvalidArgument
@@ -229,15 +230,17 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         if request.page_size < 0:
             raise InvalidArgument("page_size", "must be 0 (default 100) or positive")
         size = min(request.page_size or 100, 1000)
-        before = int(_decode_page_token(request.page_token) or 0)
+        after = _decode_page_token(request.page_token)
+        if after and not (after.isascii() and after.isdigit() and len(after) <= 18):
+            raise InvalidArgument("page_token", PAGE_TOKEN_FIX)
         events = await self._access.list_audit(
             server_id=request.server_id,
             actor=request.actor,
-            start=request.start_time.ToDatetime(tzinfo=UTC)
+            start=moment(request.start_time, "start_time")
             if request.HasField("start_time")
             else None,
-            end=request.end_time.ToDatetime(tzinfo=UTC) if request.HasField("end_time") else None,
-            before_id=before,
+            end=moment(request.end_time, "end_time") if request.HasField("end_time") else None,
+            before_id=int(after or 0),
             limit=size + 1,
         )
         more = len(events) > size
@@ -246,6 +249,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             events=[audit_to_proto(e) for e in events],
             next_page_token=_encode_page_token(str(events[-1].id)) if more else "",
         )
+
+
+PAGE_TOKEN_FIX = "is not a token from this list: pass next_page_token back unchanged"
 
 
 def _encode_page_token(last: str) -> str:
@@ -260,9 +266,7 @@ def _decode_page_token(token: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
     if not text.startswith("v1:"):
-        raise InvalidArgument(
-            "page_token", "is not a token from this list: pass next_page_token back unchanged"
-        )
+        raise InvalidArgument("page_token", PAGE_TOKEN_FIX)
     return text[3:]
 
 
@@ -283,6 +287,7 @@ async def create_caller(
         raise InvalidArgument("roles", f"give one or more of {', '.join(sorted(known))}")
     checked = check_patterns(patterns)
     if certificate_identity:
+        certificate_identity = typed_identity(certificate_identity)
         caller_id, key, digest = secrets.token_hex(8), "", None
         kind = "certificate"
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -54,13 +54,30 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
+MAX_DURATION = timedelta(days=1)
+# What datetime can hold: 0001-01-01 to 9999-12-31, in seconds since 1970.
+MIN_TIMESTAMP, MAX_TIMESTAMP = -62_135_596_800, 253_402_300_799
+
+
 def duration(value: Duration, field: str, default: timedelta) -> timedelta:
     if value.seconds == 0 and value.nanos == 0:
         return default
+    # Checked before converting: timedelta overflows long before Duration does.
+    if not 0 <= value.seconds <= MAX_DURATION.total_seconds() or not 0 <= value.nanos < 10**9:
+        raise InvalidArgument(field, 'must be between 0 and 24h, e.g. "30s"')
     result: timedelta = value.ToTimedelta()
-    if result < timedelta(0) or result > timedelta(days=1):
+    if result > MAX_DURATION:
         raise InvalidArgument(field, 'must be between 0 and 24h, e.g. "30s"')
     return result
+
+
+def moment(value: Timestamp, field: str) -> datetime:
+    """A Timestamp as an aware datetime; out of datetime's range is INVALID_ARGUMENT."""
+    if not MIN_TIMESTAMP <= value.seconds <= MAX_TIMESTAMP or not 0 <= value.nanos < 10**9:
+        raise InvalidArgument(
+            field, 'must be between 0001-01-01 and 9999-12-31, e.g. "2026-01-02T03:04:05Z"'
+        )
+    return value.ToDatetime(tzinfo=UTC)
 
 
 def spec_from_proto(server: pb.Server) -> ServerSpec:
