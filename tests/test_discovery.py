@@ -27,9 +27,12 @@ from support import (
     SECRET,
     FakeClock,
     Harness,
+    RecordingNetwork,
+    ScriptedResolver,
     bearer_call,
     error_info,
     running_service,
+    scripted_egress,
 )
 
 
@@ -245,3 +248,24 @@ async def test_a_discovered_token_endpoint_that_stops_answering_is_looked_up_aga
 
 def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "target", ["http://[64:ff9b::a9fe:a9fe]/latest/meta-data", "http://100.100.100.200/latest"]
+)
+async def test_redirects_to_metadata_forms_are_refused_even_with_insecure_http_allowed(
+    tmp_path: Path, auth: AuthServer, documents: Documents, target: str
+) -> None:
+    network = RecordingNetwork()
+    egress = scripted_egress(ScriptedResolver(), network, allow_insecure_http=True)
+    documents.routes["/.well-known/oauth-authorization-server"] = lambda _r: RedirectResponse(
+        target
+    )
+    async with running_service(
+        tmp_path / "data", auth, egress=egress, allow_insecure_http=True
+    ) as harness:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await register(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "always refused" in (caught.value.details() or ""), caught.value.details()
+    assert network.off_loopback == [] and network.connects  # the first hop was real

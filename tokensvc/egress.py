@@ -50,7 +50,6 @@ Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 # What callers of this module need of httpx2, so that they need not import it.
 Response = httpx2.Response
 HTTPError = httpx2.HTTPError
-Transport = httpx2.AsyncBaseTransport
 
 MAX_URL = 2048
 MAX_REDIRECTS = 3
@@ -193,7 +192,8 @@ class UrlPolicy:
         """The syntax, and every address the host resolves to now."""
         self.check_syntax(field_name, url)
         parts = urlsplit(url)
-        await self.addresses(field_name, parts.hostname or "", parts.port or 443, parts.scheme)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        await self.addresses(field_name, parts.hostname or "", port, parts.scheme)
         return url
 
     async def addresses(self, field_name: str, host: str, port: int, scheme: str) -> list[Address]:
@@ -414,15 +414,16 @@ class Egress:
             pools[scheme] = pool
         return _SizeLimited(_Pinned(pools), self.max_response_bytes)
 
-    def client(self, **options: Any) -> httpx2.AsyncClient:
-        """An httpx2 client over a new egress transport: no redirects, no
-        environment proxies or .netrc, no cookies kept, no compression."""
-        headers = {"Accept-Encoding": "identity", "User-Agent": self.user_agent}
-        headers.update(options.pop("headers", {}))
-        return httpx2.AsyncClient(**self.client_options(), headers=headers, **options)
+    def client(self, headers: dict[str, str] | None = None, **options: Any) -> httpx2.AsyncClient:
+        """An httpx2 client over a new egress transport (see client_options)."""
+        settings = self.client_options()
+        settings["headers"].update(headers or {})
+        return httpx2.AsyncClient(**settings, **options)
 
     def client_options(self) -> dict[str, Any]:
-        """The options of every egress client (for clients of other classes, authlib's)."""
+        """The options of every egress client, for clients of other classes
+        too (authlib's): a new egress transport, no redirects, no environment
+        proxies or .netrc, no cookies kept, no compression."""
         return {
             "transport": self.transport(),
             "timeout": httpx2.Timeout(self.timeout),
@@ -430,6 +431,8 @@ class Egress:
             # Environment proxies and .netrc would send requests around the policy.
             "trust_env": False,
             "cookies": CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            # A compressed body would escape the size cap once decoded.
+            "headers": {"Accept-Encoding": "identity", "User-Agent": self.user_agent},
         }
 
     async def get(self, url: str, field_name: str) -> Answer:
@@ -466,6 +469,7 @@ class Egress:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
+            self._client = None
 
 
 def words(name: str) -> str:

@@ -95,11 +95,7 @@ class TokenFetcher:
         self._default_lifetime = default_lifetime
         self._url_policy = self._egress.policy
         self._clock = clock
-        self._client = _Client(
-            **self._egress.client_options(),
-            # A compressed body would escape the size cap once decoded.
-            headers={"Accept-Encoding": "identity", "User-Agent": self._egress.user_agent},
-        )
+        self._client = _Client(**self._egress.client_options())
 
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
         """One token request for ``spec`` (its token endpoint and auth method as
