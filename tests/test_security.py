@@ -565,6 +565,28 @@ async def test_the_last_admin_cannot_be_revoked_and_the_service_never_reopens(
             assert (await failure(anonymous)).code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+async def test_two_admins_revoking_each_other_at_once_leave_one(store: Store) -> None:
+    access = AccessStore(store.engine)
+    made = [
+        await create_caller(
+            access,
+            name=name,
+            roles=["admin"],
+            patterns=["*"],
+            certificate_identity="",
+            now=utcnow(),
+        )
+        for name in ("a", "b")
+    ]
+    outcomes = await asyncio.gather(
+        *(access.revoke_caller(record.id, utcnow()) for record, _ in made),
+        return_exceptions=True,
+    )
+    assert sorted(type(o).__name__ for o in outcomes) == ["CallerRecord", "LastAdmin"]
+    active = [c for c in await access.list_callers() if c.revoke_time is None]
+    assert len(active) == 1
+
+
 async def test_a_database_whose_callers_are_all_revoked_refuses_everyone_until_the_cli_adds_one(
     tmp_path: Path, auth: AuthServer, caplog: pytest.LogCaptureFixture
 ) -> None:

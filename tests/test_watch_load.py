@@ -10,13 +10,15 @@ import hashlib
 import statistics
 import time
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from dataclasses import dataclass, field
 from itertools import pairwise
+from pathlib import Path
 
 import grpc
 import pytest
 
+from tokensvc.demo.authserver import AuthServer
 from tokensvc.events import (
     EventBus,
     FetchFailed,
@@ -28,7 +30,7 @@ from tokensvc.events import (
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
-from support import Harness
+from support import Harness, running_service
 
 TIMEOUT = 60.0  # seconds; generous: the machine may be small and busy
 SERVERS = [f"srv-{i:03d}" for i in range(100)]
@@ -40,6 +42,13 @@ CHANNELS = 10
 # has anything to do. These arguments shrink the stream's window to ~1 KB (one
 # or two tokens), so that a stream that is not read is truly stuck.
 SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
+    """Rotations back to back: no interval between refreshes forced by reports."""
+    async with running_service(tmp_path / "data", auth, min_forced_refresh_interval=0) as h:
+        yield h
 
 
 def sha(token: str) -> str:
