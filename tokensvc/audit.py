@@ -10,6 +10,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from tokensvc import metrics
 from tokensvc.auth import Authenticator
 from tokensvc.errors import StoreUnavailable
 from tokensvc.store.access import AccessStore, AuditEntry
@@ -39,6 +40,7 @@ class AuditLog:
     def record(self, actor: str, action: str, server_id: str | None, **detail: Any) -> None:
         """Queues a record; never blocks, never fails."""
         self._pending.append(AuditEntry(self._clock(), actor, action, server_id, detail))
+        metrics.audit_queued(len(self._pending))
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -58,10 +60,13 @@ class AuditLog:
             await self._access.write_audit(batch)
             if used:
                 await self._access.touch(used)
+            metrics.audit_written(len(batch))
         except StoreUnavailable:
             self._pending = batch + self._pending  # kept for the next try, not lost
             self._auth.used = {**used, **self._auth.used}
             raise
+        finally:
+            metrics.audit_queued(len(self._pending))
 
     async def _run(self) -> None:
         since_purge = PURGE_INTERVAL

@@ -1,9 +1,11 @@
-"""``python -m tokensvc.healthcheck HOST:PORT``: exit 0 if grpc.health.v1 says SERVING.
+"""``python -m tokensvc.healthcheck [HOST:PORT]``: exit 0 if grpc.health.v1 says SERVING.
 
-For container HEALTHCHECKs, which have no grpcurl. Speaks TLS when
-``TOKENSVC_TLS_CERT`` is set (trusting that certificate, whatever name it was
-issued for); with mTLS it presents ``TOKENSVC_HEALTHCHECK_CERT`` and
-``TOKENSVC_HEALTHCHECK_KEY`` when given.
+For container HEALTHCHECKs, which have no grpcurl. Without an address it asks
+the listener that ``tokensvc serve`` would open with the same settings
+(``TOKENSVC_LISTEN``, ``TOKENSVC_CONFIG``; a wildcard host is reached on
+loopback). Speaks TLS when ``TOKENSVC_TLS_CERT`` is set (trusting that
+certificate, whatever name it was issued for); with mTLS it presents
+``TOKENSVC_HEALTHCHECK_CERT`` and ``TOKENSVC_HEALTHCHECK_KEY`` when given.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokensvc.errors import ConfigurationError
+from tokensvc.settings import load
 
 
 def _channel(target: str) -> grpc.Channel:
@@ -37,7 +42,14 @@ def _channel(target: str) -> grpc.Channel:
 
 
 def main(argv: list[str]) -> int:
-    target = argv[1] if len(argv) > 1 else "127.0.0.1:50051"
+    if len(argv) > 1:
+        target = argv[1]
+    else:
+        try:
+            target = load().health_target
+        except ConfigurationError as exc:
+            print(f"unhealthy: {exc.message}", file=sys.stderr)
+            return 1
     with _channel(target) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
