@@ -197,6 +197,24 @@ async def test_the_container_healthcheck_reports_serving(harness: Harness, given
     assert process.returncode == 0 and out.decode().strip() == "SERVING"
 
 
+async def test_the_liveness_check_passes_while_not_serving_and_the_readiness_check_fails(
+    harness: Harness,
+) -> None:
+    """As while the database is down: alive (tokens served from memory), not ready."""
+    await harness.service._set_health(False)
+    for flags, code in (([], 1), (["--alive"], 0)):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tokensvc.healthcheck",
+            *flags,
+            harness.target,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+        assert (process.returncode, out.decode().strip()) == (code, "NOT_SERVING")
+
+
 async def test_a_start_up_error_is_logged_in_the_configured_format(tmp_path: Path) -> None:
     """The image sets TOKENSVC_LOG_FORMAT=json: its refusals must be JSON too."""
     for env in (

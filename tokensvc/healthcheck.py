@@ -1,4 +1,7 @@
-"""``python -m tokensvc.healthcheck [HOST:PORT]``: exit 0 if grpc.health.v1 says SERVING.
+"""``python -m tokensvc.healthcheck [--alive] [HOST:PORT]``: exit 0 if grpc.health.v1
+says SERVING; with ``--alive``, if it answers at all (SERVING or NOT_SERVING: a
+process that lost its database still serves valid tokens from memory, and
+restarting it would lose them).
 
 For container HEALTHCHECKs, which have no grpcurl. Without an address it asks
 the listener that ``tokensvc serve`` would open with the same settings
@@ -42,8 +45,11 @@ def _channel(target: str) -> grpc.Channel:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        target = argv[1]
+    args = argv[1:]
+    alive = "--alive" in args
+    args = [a for a in args if a != "--alive"]
+    if args:
+        target = args[0]
     else:
         try:
             target = load().health_target
@@ -60,7 +66,7 @@ def main(argv: list[str]) -> int:
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if alive or response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 if __name__ == "__main__":
