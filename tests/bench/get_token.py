@@ -65,11 +65,13 @@ async def main(seconds: float, concurrency: int, metrics: bool) -> None:
                     target=client,
                     args=(service.target, seconds, concurrency, results),
                 )
+                cpu = time.process_time()  # this process: tokensvc (the client is another)
                 process.start()
                 count, latencies = await asyncio.get_running_loop().run_in_executor(
                     None,
                     results.get,
                 )
+                cpu = time.process_time() - cpu
                 process.join()
                 requests = auth.token_requests
     latencies.sort()
@@ -80,6 +82,7 @@ async def main(seconds: float, concurrency: int, metrics: bool) -> None:
     print(f"  calls/s     {count / seconds:8.0f}")
     print(f"  p50 ms      {statistics.median(latencies) * 1000:8.2f}")
     print(f"  p99 ms      {latencies[int(len(latencies) * 0.99)] * 1000:8.2f}")
+    print(f"  server CPU µs per call {cpu / count * 1e6:8.0f}")
     print(f"  token requests to the authorization server: {requests}")
 
 
