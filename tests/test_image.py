@@ -66,6 +66,7 @@ def image() -> Iterator[str]:
         if CA_BUNDLE.is_file()
         else []
     )
+    previous = podman_sync("image", "inspect", "--format={{.Id}}", IMAGE).stdout.strip()
     built = podman_sync(
         "build",
         "--format=docker",  # the OCI format drops HEALTHCHECK
@@ -76,6 +77,8 @@ def image() -> Iterator[str]:
         str(ROOT),
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    if previous:  # the last run's image, untagged now: not kept to fill the disk
+        podman_sync("rmi", previous)
     yield IMAGE
 
 
