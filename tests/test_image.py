@@ -77,7 +77,8 @@ def image() -> Iterator[str]:
         str(ROOT),
     )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    if previous:  # the last run's image, untagged now: not kept to fill the disk
+    current = podman_sync("image", "inspect", "--format={{.Id}}", IMAGE).stdout.strip()
+    if previous and previous != current:  # the last run's image, untagged now: not kept
         podman_sync("rmi", previous)
     yield IMAGE
 
