@@ -2,14 +2,18 @@
 #   make demo   creates .venv, installs tokensvc, shows the whole flow on loopback
 #   make test   creates .venv, installs tokensvc with test tools, runs the tests
 # and make run serves tokensvc on 127.0.0.1:50051 (SQLite in ./data).
+# make image builds the container image (podman or docker); make image-test
+# builds it on a Debian base made here, runs it with podman and checks it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 DEMO_ARGS ?=
+IMAGE ?= tokensvc
+ENGINE ?= $(shell command -v podman || command -v docker)
 
-.PHONY: demo run test lint protos check-protos clean
+.PHONY: demo run test lint protos check-protos image image-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +29,14 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# podman's default (OCI) format would drop the HEALTHCHECK.
+image:
+	$(ENGINE) build $(if $(findstring podman,$(ENGINE)),--format docker) -t $(IMAGE) .
+
+image-test: $(STAMP)
+	tests/image/prepare
+	$(BIN)/pytest -q -m image tests/test_image.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -308,6 +308,27 @@ async def bearer_call(url: str, access_token: str) -> int:
     return response.status_code
 
 
+async def scrape(port: int) -> str:
+    """The Prometheus text of a service's metrics listener."""
+    import httpx2
+
+    async with httpx2.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics")
+    assert response.status_code == 200, response.status_code
+    return response.text
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of the one sample of ``name`` whose labels include these."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and labels.items() <= found.labels.items():
+                return float(found.value)
+    return None
+
+
 class Watcher:
     """A WatchTokens stream read into a list, with a way to await what comes."""
 

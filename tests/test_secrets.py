@@ -20,7 +20,7 @@ from tokensvc import logs
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, Watcher, running_service
+from support import CLIENT_ID, SECRET, Watcher, running_service, scrape
 
 PRIVATE_KEY = (
     rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -35,15 +35,20 @@ WRONG_SECRET = "wrong-Secret:+%ü-9c2e"
 
 
 def forms(value: str) -> list[bytes]:
-    """The ways a value could appear on disk or in a log: raw, UTF-8, escaped."""
+    """The ways a value could appear on disk, in a log or a metric: raw, UTF-8,
+    escaped, base64 (as in a Basic header or a JWT)."""
+    import base64
     from urllib.parse import quote, quote_plus
 
+    raw = value.encode()
     return [
-        value.encode(),
+        raw,
         value.encode("unicode_escape"),
         quote(value).encode(),
         quote_plus(value).encode(),
         repr(value).encode(),
+        base64.b64encode(raw),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
     ]
 
 
@@ -195,3 +200,25 @@ async def test_a_secret_echoed_back_in_any_encoding_is_masked_everywhere(
     for name, echo in echoes.items():
         for text in seen:
             assert echo not in text, (name, text[:300])
+
+
+async def test_no_secret_or_token_is_found_in_the_metrics(tmp_path: Path, auth: AuthServer) -> None:
+    auth.add_client("other", WRONG_SECRET + "-real")
+    async with running_service(
+        tmp_path / "data", auth, run_scheduler=False, metrics_listen="127.0.0.1:0"
+    ) as h:
+        await h.register()
+        await h.register("other", secret=WRONG_SECRET)
+        watcher = Watcher(h.tokens, "alpha")
+        await watcher.until("synced")
+        await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await h.tokens.GetToken(pb.GetTokenRequest(server_id="other"))
+        await watcher.close()
+        text = (await scrape(h.service.metrics_port)).encode()
+    assert b'server_id="alpha"' in text and b"credentials_rejected" in text
+    assert auth.issued, "the test must have fetched a token"
+    basic = [f"{CLIENT_ID}:{SECRET}", f"other:{WRONG_SECRET}"]
+    for secret in (SECRET, WRONG_SECRET, *basic, *auth.issued):
+        for form in forms(secret):
+            assert form not in text, form

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -201,6 +202,8 @@ async def test_a_config_file_and_the_environment_are_read_with_flags_winning(
         ({"TOKENSVC_HTTP_TIMEOUT": "soon"}, "http_timeout"),
         ({"TOKENSVC_DATABASE_URL": "mysql://x"}, "database_url"),
         ({"TOKENSVC_ALLOW_INSECURE_HTTP": "maybe"}, "allow_insecure_http"),
+        ({"TOKENSVC_METRICS_LISTEN": "9464"}, "metrics_listen '9464' is not host:port"),
+        ({"TOKENSVC_METRICS_PER_SERVER": "some"}, "metrics_per_server"),
     ],
 )
 def test_bad_settings_are_refused_before_binding(environ: dict[str, str], message: str) -> None:
@@ -211,13 +214,53 @@ def test_bad_settings_are_refused_before_binding(environ: dict[str, str], messag
         load({}, environ)
 
 
-async def test_the_container_healthcheck_reports_serving(harness: Harness) -> None:
+@pytest.mark.parametrize("given", ["argument", "settings"])
+async def test_the_container_healthcheck_reports_serving(harness: Harness, given: str) -> None:
+    """Given no address, it follows the listen setting, as the image's HEALTHCHECK does."""
+    listen = f"0.0.0.0:{harness.service.port}"  # a wildcard, as in the image
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tokensvc.healthcheck",
-        harness.target,
+        *([harness.target] if given == "argument" else []),
         stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "TOKENSVC_LISTEN": listen, "TOKENSVC_INSECURE": "1"},
     )
     out, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0 and out.decode().strip() == "SERVING"
+
+
+async def test_the_liveness_check_passes_while_not_serving_and_the_readiness_check_fails(
+    harness: Harness,
+) -> None:
+    """As while the database is down: alive (tokens served from memory), not ready."""
+    await harness.service._set_health(False)
+    for flags, code in (([], 1), (["--alive"], 0)):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tokensvc.healthcheck",
+            *flags,
+            harness.target,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+        assert (process.returncode, out.decode().strip()) == (code, "NOT_SERVING")
+
+
+async def test_a_start_up_error_is_logged_in_the_configured_format(tmp_path: Path) -> None:
+    """The image sets TOKENSVC_LOG_FORMAT=json: its refusals must be JSON too."""
+    for env in (
+        {"TOKENSVC_LISTEN": "0.0.0.0:0"},  # off loopback with no TLS: refused
+        {"TOKENSVC_LISTEN": "0.0.0.0:0", "TOKENSVC_HTTP_TIMEOUT": "soon"},  # unreadable
+    ):
+        code, out = await run(
+            "serve",
+            "--data-dir",
+            str(tmp_path),
+            env={**env, "TOKENSVC_LOG_FORMAT": "json"},
+        )
+        assert code == 2
+        (line,) = out.splitlines()
+        entry = json.loads(line)
+        assert entry["level"] == "error" and entry["msg"].startswith("cannot start: ")

@@ -19,6 +19,7 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from tokensvc import metrics
 from tokensvc.auth import Authenticator, Caller
 from tokensvc.errors import StoreUnavailable
 from tokensvc.store.access import AccessStore, AuditEntry
@@ -55,8 +56,10 @@ class AuditLog:
         if len(self._pending) >= MAX_PENDING:
             self.dropped += 1
             self._unreported += 1
+            metrics.audit_dropped(1)
             return
         self._pending.append(AuditEntry(self._clock(), actor, action, server_id, detail))
+        metrics.audit_queued(len(self._pending))
 
     def issued(self, caller: Caller, server_id: str, version: int, **detail: Any) -> None:
         """Records that ``caller`` got ``version`` of the server's token, unless
@@ -93,11 +96,14 @@ class AuditLog:
                 log.warning("audit records were dropped: the queue was full", extra=detail)
             if used:
                 await self._access.touch(used)
+            metrics.audit_written(len(batch))
         except StoreUnavailable:
             self._pending = batch + self._pending  # kept for the next try, not lost
             self._unreported += gap
             self._auth.used = {**used, **self._auth.used}
             raise
+        finally:
+            metrics.audit_queued(len(self._pending))
 
     async def _run(self) -> None:
         since_purge = PURGE_INTERVAL

@@ -18,7 +18,7 @@ from tokensvc.errors import (
     InvalidArgument,
     StoreUnavailable,
 )
-from tokensvc.settings import Settings, load
+from tokensvc.settings import Settings, early_logging, load
 
 log = logging.getLogger("tokensvc")
 
@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="serve plaintext off loopback (never in production; logged at every start)",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        help="host:port of a Prometheus /metrics listener (off unless given; e.g. 0.0.0.0:9464)",
     )
     serve.add_argument(
         "--no-reflection",
@@ -250,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure()
         asyncio.run(_dev_authserver(args))
         return 0
+    logs.configure(*early_logging(vars(args)))
     try:
         settings = _settings(args)
         logs.configure(settings.log_level, settings.log_format)
@@ -264,7 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "rotate-keys":
             asyncio.run(_rotate(settings))
     except (ConfigurationError, DecryptionError, StoreUnavailable, InvalidArgument) as exc:
-        logs.configure()
         log.error("cannot start: " + exc.message)
         return 2
     except KeyboardInterrupt:

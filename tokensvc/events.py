@@ -14,6 +14,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
+from tokensvc import metrics
 from tokensvc.errors import FetchError
 from tokensvc.token import ServerToken
 
@@ -76,7 +77,8 @@ class Subscription:
     def offer(self, event: Event) -> None:
         # Re-inserting moves the server to the end: events leave in the order
         # of their latest change.
-        self._pending.pop(event.server_id, None)
+        if self._pending.pop(event.server_id, None) is not None:
+            metrics.watch_event_coalesced()
         self._pending[event.server_id] = event
         self._ready.set()
 
@@ -114,10 +116,13 @@ class EventBus:
             subscription.close()
         else:
             self._subscriptions.add(subscription)
+            metrics.watch_stream_opened()
         return subscription
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+        if subscription in self._subscriptions:
+            self._subscriptions.discard(subscription)
+            metrics.watch_streams_closed()
         subscription.close()
 
     def publish(self, event: Event) -> None:
@@ -143,4 +148,5 @@ class EventBus:
         self.closed = True
         for subscription in tuple(self._subscriptions):
             subscription.close()
+        metrics.watch_streams_closed(len(self._subscriptions))
         self._subscriptions.clear()

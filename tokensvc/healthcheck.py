@@ -1,9 +1,14 @@
-"""``python -m tokensvc.healthcheck HOST:PORT``: exit 0 if grpc.health.v1 says SERVING.
+"""``python -m tokensvc.healthcheck [--alive] [HOST:PORT]``: exit 0 if grpc.health.v1
+says SERVING; with ``--alive``, if it answers at all (SERVING or NOT_SERVING: a
+process that lost its database still serves valid tokens from memory, and
+restarting it would lose them).
 
-For container HEALTHCHECKs, which have no grpcurl. Speaks TLS when
-``TOKENSVC_TLS_CERT`` is set (trusting that certificate, whatever name it was
-issued for); with mTLS it presents ``TOKENSVC_HEALTHCHECK_CERT`` and
-``TOKENSVC_HEALTHCHECK_KEY`` when given.
+For container HEALTHCHECKs, which have no grpcurl. Without an address it asks
+the listener that ``tokensvc serve`` would open with the same settings
+(``TOKENSVC_LISTEN``, ``TOKENSVC_CONFIG``; a wildcard host is reached on
+loopback). Speaks TLS when ``TOKENSVC_TLS_CERT`` is set (trusting that
+certificate, whatever name it was issued for); with mTLS it presents
+``TOKENSVC_HEALTHCHECK_CERT`` and ``TOKENSVC_HEALTHCHECK_KEY`` when given.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ import grpc
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokensvc.errors import ConfigurationError
+from tokensvc.settings import load
 
 
 def _channel(target: str) -> grpc.Channel:
@@ -37,7 +45,17 @@ def _channel(target: str) -> grpc.Channel:
 
 
 def main(argv: list[str]) -> int:
-    target = argv[1] if len(argv) > 1 else "127.0.0.1:50051"
+    args = argv[1:]
+    alive = "--alive" in args
+    args = [a for a in args if a != "--alive"]
+    if args:
+        target = args[0]
+    else:
+        try:
+            target = load().health_target
+        except ConfigurationError as exc:
+            print(f"unhealthy: {exc.message}", file=sys.stderr)
+            return 1
     with _channel(target) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
@@ -48,7 +66,7 @@ def main(argv: list[str]) -> int:
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     print(status)
-    return 0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if alive or response.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from tokensvc import metrics
 from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
@@ -91,7 +92,7 @@ class TokenManager:
         min_forced_refresh_interval: timedelta = timedelta(seconds=10),
     ) -> None:
         self._store = store
-        self._fetch = fetch
+        self._fetch = metrics.timed_fetch(fetch)
         self._clock = clock
         self.min_valid_for = min_valid_for
         self.policy = policy or RefreshPolicy()
@@ -123,6 +124,7 @@ class TokenManager:
             self._known[server_id] = record.spec.refresh_fraction
             if stored is not None and stored.token.expires_at > now:
                 self._cache[server_id] = stored
+                metrics.token_held(server_id, stored.token)
                 self.scheduler.schedule(server_id, self._refresh_at(server_id, stored.token))
             else:
                 self.scheduler.schedule(server_id, now)
@@ -158,7 +160,10 @@ class TokenManager:
         if cached is not None:
             rejected = bool(rejected_sha256) and cached.token.sha256 == rejected_sha256.lower()
             if rejected and self._forced_recently(server_id) and self._fresh_enough(cached, wanted):
+                metrics.rejected_token_report(server_id, "rate_limited")
                 return cached  # one forced refresh per interval, however many report
+            if rejected_sha256:
+                metrics.rejected_token_report(server_id, "refreshed" if rejected else "stale")
             if not rejected and self._fresh_enough(cached, wanted):
                 return cached
             replaces = cached.version if rejected else 0
@@ -200,7 +205,11 @@ class TokenManager:
             self._flights[server_id] = flight
             task.add_done_callback(functools.partial(self._flight_done, server_id))
         # shield: a caller that gives up must not cancel the refresh the others wait for.
-        return await asyncio.shield(flight.task)
+        metrics.waiter_joined()
+        try:
+            return await asyncio.shield(flight.task)
+        finally:
+            metrics.waiter_left()
 
     def _flight_done(self, server_id: str, task: asyncio.Task[ServerToken]) -> None:
         current = self._flights.get(server_id)
@@ -344,9 +353,11 @@ class TokenManager:
         if current is not None and held.version < current.version:
             return
         self._cache[server_id] = held
+        metrics.token_held(server_id, held.token)
         self._failing.pop(server_id, None)
         self.scheduler.schedule(server_id, self._refresh_at(server_id, held.token))
         if current is None or held.version > current.version:
+            metrics.token_rotated(server_id)
             self.bus.publish(TokenIssued(held))
 
     def _refresh_at(self, server_id: str, token: Token) -> datetime:
@@ -503,6 +514,7 @@ class TokenManager:
     def _invalidate(self, server_id: str) -> None:
         self._epochs[server_id] = self._epochs.get(server_id, 0) + 1
         self._cache.pop(server_id, None)
+        metrics.server_forgotten(server_id)
 
     # watching -------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
+from tokensvc import metrics
 from tokensvc.token import Clock
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,18 @@ class Scheduler:
             heapq.heappop(self._heap)  # moved or cancelled
         return None
 
-    def _pop_due(self) -> list[str]:
+    def _pop_due(self) -> list[tuple[str, datetime]]:
         now = self._clock()
-        keys = []
+        due = []
         while (when := self._next()) is not None and when <= now:
             _, _, key = heapq.heappop(self._heap)
             del self._due[key]
-            keys.append(key)
-        return keys
+            due.append((key, when))
+        return due
 
-    async def _guarded(self, key: str) -> None:
+    async def _guarded(self, key: str, when: datetime) -> None:
         async with self._limit:
+            metrics.refresh_lag((self._clock() - when).total_seconds())
             try:
                 await self._run(key)
             except Exception as exc:  # the refresh records its own failures
@@ -76,8 +78,8 @@ class Scheduler:
                     "scheduled run failed", extra={"key": key, "exc_type": type(exc).__name__}
                 )
 
-    def _spawn(self, key: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._guarded(key), name=f"scheduled:{key}")
+    def _spawn(self, key: str, when: datetime) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guarded(key, when), name=f"scheduled:{key}")
         self._running.add(task)
         task.add_done_callback(self._running.discard)
         return task
@@ -85,15 +87,15 @@ class Scheduler:
     async def run_due(self) -> list[str]:
         """Runs every key due now and waits for them. (Tests with a fake clock
         drive the schedule with this.)"""
-        keys = self._pop_due()
-        await asyncio.gather(*(self._spawn(key) for key in keys))
-        return keys
+        due = self._pop_due()
+        await asyncio.gather(*(self._spawn(key, when) for key, when in due))
+        return [key for key, _ in due]
 
     async def _loop_forever(self) -> None:
         while True:
             self._wake.clear()
-            for key in self._pop_due():
-                self._spawn(key)
+            for key, due in self._pop_due():
+                self._spawn(key, due)
             when = self._next()
             timeout = None if when is None else max(0.0, (when - self._clock()).total_seconds())
             with contextlib.suppress(TimeoutError):

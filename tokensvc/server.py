@@ -1,5 +1,5 @@
 """Assembles the service: keys, store, fetcher, manager, and the grpc.aio server
-with reflection, health and graceful shutdown."""
+with reflection, health, metrics and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
-from tokensvc import __version__
+from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
@@ -100,6 +100,7 @@ class Service:
     _listener: Listener | None = field(default=None, init=False)
     _monitor: asyncio.Task[None] | None = field(default=None, init=False)
     _sqlite_lock: int | None = field(default=None, init=False)
+    _metrics: metrics.MetricsListener | None = field(default=None, init=False)
     auth: Authenticator | None = field(default=None, init=False)
     audit: AuditLog | None = field(default=None, init=False)
 
@@ -141,12 +142,15 @@ class Service:
                 discover, get=self.egress.get, policy=policy, clock=self.clock
             ),
         )
+        metrics.configure(per_server=settings.metrics_per_server)
         server = grpc.aio.server(
+            # Timing every call costs a little: only when someone collects the figures.
+            interceptors=[metrics.RpcMetrics()] if settings.metrics_listen else [],
             options=[
                 ("grpc.max_receive_message_length", 1 << 20),
                 # Two processes on one port would split the calls between them.
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         try:
             if settings.tls_cert:
@@ -159,6 +163,13 @@ class Service:
             raise ConfigurationError(
                 f"cannot listen on {settings.listen}: address in use or invalid"
             )
+        if settings.metrics_listen:
+            try:
+                self._metrics = metrics.MetricsListener(settings.metrics_listen)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot listen on metrics_listen {settings.metrics_listen}: {exc.strerror}"
+                ) from None
         access = AccessStore(self.store.engine)
         self.auth = Authenticator(
             access, open_allowed=settings.listens_on_loopback, clock=self.clock
@@ -202,6 +213,7 @@ class Service:
         self._server = server
         # SERVING only now: the store is open and the port bound.
         await self._set_health(True)
+        metrics.database_up(True)
         self._monitor = asyncio.create_task(self._watch_store(), name="store-health")
         if settings.insecure and not settings.listens_on_loopback and not settings.tls_cert:
             log.warning(
@@ -221,9 +233,15 @@ class Service:
                 "port": self.port,
                 "sqlite": settings.is_sqlite,
                 "replica": self.replica_id,
+                "metrics_port": self.metrics_port,
             },
         )
         return self.port
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of /metrics (0: off)."""
+        return self._metrics.port if self._metrics is not None else 0
 
     async def _apply(self, change: Change) -> None:
         """A change made on another replica."""
@@ -262,6 +280,7 @@ class Service:
             if up == healthy:
                 continue
             healthy = up
+            metrics.database_up(up)
             await self._set_health(up)
             if up:
                 log.info("database reachable again: serving")
@@ -305,6 +324,9 @@ class Service:
         if self.store is not None:
             await self.store.close()
             self.store = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         if self._sqlite_lock is not None:
             os.close(self._sqlite_lock)  # releases the lock
             self._sqlite_lock = None

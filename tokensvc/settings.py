@@ -60,6 +60,10 @@ class Settings:
     insecure: bool = False
     reflection: bool = True
     audit_retention_days: float = 90.0
+    # Prometheus /metrics on its own listener (host:port); off when empty.
+    metrics_listen: str = ""
+    # Off: no server_id label, for fleets too large for a series per server.
+    metrics_per_server: bool = True
 
     @property
     def effective_database_url(self) -> str:
@@ -111,12 +115,17 @@ class Settings:
     def default_lifetime(self) -> timedelta:
         return timedelta(seconds=self.default_token_lifetime)
 
+    @property
+    def health_target(self) -> str:
+        """Where a health check on this host reaches the listener."""
+        host, _, port = self.listen.rpartition(":")
+        wildcard = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}  # noqa: S104 (not a bind)
+        return f"{wildcard.get(host, host)}:{port}"
+
     def validate(self) -> Settings:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigurationError(
-                f"listen {self.listen!r} is not host:port (e.g. 127.0.0.1:50051 or [::]:50051)"
-            )
+        _check_address("listen", self.listen, "127.0.0.1:50051 or [::]:50051")
+        if self.metrics_listen:
+            _check_address("metrics_listen", self.metrics_listen, "0.0.0.0:9464")
         if self.database_url and not self.database_url.startswith(
             ("sqlite+aiosqlite://", "postgresql+asyncpg://")
         ):
@@ -160,15 +169,37 @@ class Settings:
             raise ConfigurationError(str(exc)) from None
         if self.audit_retention_days <= 0:
             raise ConfigurationError("audit_retention_days must be positive")
-        if self.log_format not in ("text", "json"):
+        if self.log_format not in LOG_FORMATS:
             raise ConfigurationError("log_format must be text or json")
-        if self.log_level not in ("debug", "info", "warning", "error"):
+        if self.log_level not in LOG_LEVELS:
             raise ConfigurationError("log_level must be debug, info, warning or error")
         return self
 
 
+def _check_address(name: str, value: str, example: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigurationError(f"{name} {value!r} is not host:port (e.g. {example})")
+
+
 FIELDS = {f.name: f for f in fields(Settings)}
 ENV_PREFIX = "TOKENSVC_"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def early_logging(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[str, str]:
+    """The log level and format from flags and environment alone, where valid,
+    for the errors that stop the settings from loading."""
+    env = os.environ if environ is None else environ
+
+    def pick(name: str, allowed: tuple[str, ...]) -> str:
+        value = (overrides or {}).get(name) or env.get(ENV_PREFIX + name.upper(), "")
+        return value if value in allowed else getattr(Settings(), name)
+
+    return pick("log_level", LOG_LEVELS), pick("log_format", LOG_FORMATS)
 
 
 def _coerce(name: str, value: Any) -> Any:

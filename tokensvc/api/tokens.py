@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from tokensvc import metrics
 from tokensvc.api.convert import duration, event_to_proto, synced, token_to_proto
 from tokensvc.api.errors import Context, abort, handles_errors
 from tokensvc.audit import AuditLog
@@ -79,8 +80,10 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                 if isinstance(event, TokenIssued):
                     sent[event.server_id] = event.token.version
                     self._issued(caller, event)
+                metrics.watch_event_sent(type(event).__name__)
                 yield event_to_proto(event, sequence)
             sequence += 1
+            metrics.watch_event_sent("Synced")
             yield synced(sequence)
             while batch := await subscription.next_batch():
                 for event in batch:
@@ -92,6 +95,7 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                     else:
                         sent.pop(event.server_id, None)
                     sequence += 1
+                    metrics.watch_event_sent(type(event).__name__)
                     yield event_to_proto(event, sequence)
             if caller.id and caller.id not in self._auth.caller_ids:
                 # Ended because the caller was revoked: say so, unlike a shutdown.

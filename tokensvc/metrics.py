@@ -1,0 +1,453 @@
+"""Every Prometheus metric of tokensvc, and the one listener that serves them.
+
+Names follow the OpenTelemetry semantic conventions where they exist, mapped
+to Prometheus (dots become underscores, the unit a suffix): the RPC server
+histogram is ``rpc.server.call.duration`` with ``rpc.system.name``,
+``rpc.method`` and ``rpc.response.status_code``. Everything else is ours,
+under ``tokensvc_``.
+
+The rest of the service calls the small recording functions below, one line
+per hook; it never touches a metric object. Labels carry server ids, method
+names, status codes and reasons, never a secret or a token. Every value is
+set by the event loop as things happen, so a scrape (on the listener's own
+thread) only reads the metrics' own locked counters.
+
+``configure(per_server=False)`` drops the ``server_id`` label for very large
+fleets: the label is then empty, which Prometheus stores as no label at all,
+and the expiry gauges show the server whose token expires first.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, suppress
+from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from tokensvc import __version__
+from tokensvc.errors import FetchError
+from tokensvc.token import Token
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# The boundaries the conventions recommend for rpc.server.call.duration.
+RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+# A token request crosses the network to an authorization server (http_timeout: 10 s).
+FETCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# How late a scheduled refresh starts: milliseconds when all is well.
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
+
+RPC_DURATION = Histogram(
+    "rpc_server_call_duration_seconds",
+    "Duration of incoming RPCs; for streams, from start to end of the stream.",
+    ["rpc_system_name", "rpc_method", "rpc_response_status_code"],
+    buckets=RPC_BUCKETS,
+    registry=REGISTRY,
+)
+RPC_RESPONSES = Histogram(
+    "rpc_server_responses_per_rpc",
+    "Messages sent per server-streaming RPC.",
+    ["rpc_system_name", "rpc_method"],
+    buckets=(1, 2, 5, 10, 100, 1000, 10000),
+    registry=REGISTRY,
+)
+TOKEN_REQUESTS = Counter(
+    "tokensvc_token_requests",
+    "Token requests to authorization servers, by result: ok or the error reason.",
+    ["server_id", "result"],
+    registry=REGISTRY,
+)
+TOKEN_REQUEST_DURATION = Histogram(
+    "tokensvc_token_request_duration_seconds",
+    "Duration of token requests to authorization servers, whatever their result.",
+    ["server_id"],
+    buckets=FETCH_BUCKETS,
+    registry=REGISTRY,
+)
+TOKEN_EXPIRY = Gauge(
+    "tokensvc_token_expiry_timestamp_seconds",
+    "When the token served for the server expires (Unix time).",
+    ["server_id"],
+    registry=REGISTRY,
+)
+TOKEN_ISSUED = Gauge(
+    "tokensvc_token_issued_timestamp_seconds",
+    "When the token served for the server was issued (Unix time).",
+    ["server_id"],
+    registry=REGISTRY,
+)
+ROTATIONS = Counter(
+    "tokensvc_token_rotations",
+    "New tokens this replica started serving (fetched here or by another replica).",
+    ["server_id"],
+    registry=REGISTRY,
+)
+REFRESH_LAG = Histogram(
+    "tokensvc_refresh_lag_seconds",
+    "How late scheduled refreshes started against their schedule.",
+    buckets=LAG_BUCKETS,
+    registry=REGISTRY,
+)
+REJECTED_REPORTS = Counter(
+    "tokensvc_rejected_token_reports",
+    "GetToken calls that reported a token rejected by a resource server, by outcome: "
+    "refreshed (it was the current token: a refresh was forced), stale (an older token: "
+    "the current one was served), rate_limited (too many forced refreshes).",
+    ["server_id", "outcome"],
+    registry=REGISTRY,
+)
+WAITERS = Gauge(
+    "tokensvc_single_flight_waiters",
+    "Callers waiting for a token refresh in flight.",
+    registry=REGISTRY,
+)
+WATCH_STREAMS = Gauge(
+    "tokensvc_watch_streams",
+    "Open WatchTokens streams.",
+    registry=REGISTRY,
+)
+WATCH_EVENTS_SENT = Counter(
+    "tokensvc_watch_events_sent",
+    "Events sent on WatchTokens streams, by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+WATCH_EVENTS_COALESCED = Counter(
+    "tokensvc_watch_events_coalesced",
+    "Events replaced by a newer one for the same server before a stream sent them.",
+    registry=REGISTRY,
+)
+SDS_CONSUMERS = Gauge(
+    "tokensvc_sds_consumers",
+    "Envoy SDS streams, by the state of their last response: acked or nacked.",
+    ["state"],
+    registry=REGISTRY,
+)
+SDS_RESPONSES = Counter(
+    "tokensvc_sds_responses_sent",
+    "DiscoveryResponses sent to Envoy SDS consumers.",
+    registry=REGISTRY,
+)
+DATABASE_UP = Gauge(
+    "tokensvc_database_up",
+    "1 while the database answers the health check, 0 while it does not.",
+    registry=REGISTRY,
+)
+AUDIT_QUEUED = Gauge(
+    "tokensvc_audit_records_queued",
+    "Audit records waiting to be written.",
+    registry=REGISTRY,
+)
+AUDIT_WRITTEN = Counter(
+    "tokensvc_audit_records_written",
+    "Audit records written to the database.",
+    registry=REGISTRY,
+)
+AUDIT_DROPPED = Counter(
+    "tokensvc_audit_records_dropped",
+    "Audit records dropped because the queue was full.",
+    registry=REGISTRY,
+)
+BUILD = Info("tokensvc_build", "The running tokensvc.", registry=REGISTRY)
+BUILD.info({"version": __version__, "python": platform.python_version()})
+
+_per_server = True
+# Without the server label: each server's token times, to show the soonest.
+_held: dict[str, tuple[float, float]] = {}
+
+
+def configure(per_server: bool) -> None:
+    global _per_server
+    if per_server != _per_server:
+        _held.clear()
+        for gauge in (TOKEN_ISSUED, TOKEN_EXPIRY):
+            gauge.clear()
+    _per_server = per_server
+
+
+def _server(server_id: str) -> str:
+    return server_id if _per_server else ""
+
+
+# tokens -------------------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def timed_fetch(fetch: F) -> F:
+    """Wraps a token fetch ``(spec, credential) -> Token``: counts each request
+    by result and times it."""
+
+    async def timed(spec: Any, *args: Any, **kwargs: Any) -> Any:
+        server = _server(spec.id)
+        started = time.perf_counter()
+        result = "ok"
+        try:
+            return await fetch(spec, *args, **kwargs)
+        except FetchError as exc:
+            result = exc.reason.lower()
+            raise
+        except Exception:
+            result = "internal_error"
+            raise
+        finally:
+            TOKEN_REQUEST_DURATION.labels(server).observe(time.perf_counter() - started)
+            TOKEN_REQUESTS.labels(server, result).inc()
+
+    return timed  # type: ignore[return-value]
+
+
+def token_held(server_id: str, token: Token) -> None:
+    """The token now served for the server."""
+    issued, expires = token.issued_at.timestamp(), token.expires_at.timestamp()
+    if _per_server:
+        TOKEN_ISSUED.labels(server_id).set(issued)
+        TOKEN_EXPIRY.labels(server_id).set(expires)
+        return
+    _held[server_id] = (issued, expires)
+    _show_soonest()
+
+
+def token_rotated(server_id: str) -> None:
+    ROTATIONS.labels(_server(server_id)).inc()
+
+
+def server_forgotten(server_id: str) -> None:
+    """The server's token is void (deleted, or registration changed)."""
+    if not _per_server:
+        if _held.pop(server_id, None) is not None:
+            _show_soonest()
+        return
+    for gauge in (TOKEN_ISSUED, TOKEN_EXPIRY):
+        with suppress(KeyError):
+            gauge.remove(server_id)
+
+
+def _show_soonest() -> None:
+    if not _held:
+        TOKEN_ISSUED.clear()
+        TOKEN_EXPIRY.clear()
+        return
+    issued, expires = min(_held.values(), key=lambda times: times[1])
+    TOKEN_ISSUED.labels("").set(issued)
+    TOKEN_EXPIRY.labels("").set(expires)
+
+
+def refresh_lag(seconds: float) -> None:
+    REFRESH_LAG.observe(max(0.0, seconds))
+
+
+def rejected_token_report(server_id: str, outcome: str) -> None:
+    """outcome: refreshed, stale or rate_limited."""
+    REJECTED_REPORTS.labels(_server(server_id), outcome).inc()
+
+
+def waiter_joined() -> None:
+    WAITERS.inc()
+
+
+def waiter_left() -> None:
+    WAITERS.dec()
+
+
+# watch streams and SDS ----------------------------------------------------
+
+
+def watch_stream_opened() -> None:
+    WATCH_STREAMS.inc()
+
+
+def watch_streams_closed(count: int = 1) -> None:
+    WATCH_STREAMS.dec(count)
+
+
+WATCH_EVENT_KINDS = ("TokenIssued", "FetchFailed", "TokenRevoked", "ServerRemoved", "Synced")
+
+
+def watch_event_sent(kind: str) -> None:
+    """kind: one of WATCH_EVENT_KINDS."""
+    WATCH_EVENTS_SENT.labels(kind).inc()
+
+
+def watch_event_coalesced() -> None:
+    WATCH_EVENTS_COALESCED.inc()
+
+
+SDS_STATES = ("acked", "nacked")
+
+
+def sds_consumer(previous: str | None, state: str | None) -> None:
+    """An SDS stream moved from ``previous`` to ``state`` (None: not counted,
+    i.e. before its first ACK or NACK, or closed)."""
+    if previous == state:
+        return
+    if previous is not None:
+        SDS_CONSUMERS.labels(previous).dec()
+    if state is not None:
+        SDS_CONSUMERS.labels(state).inc()
+
+
+def sds_response_sent() -> None:
+    SDS_RESPONSES.inc()
+
+
+# database and audit -------------------------------------------------------
+
+
+def database_up(up: bool) -> None:
+    DATABASE_UP.set(1 if up else 0)
+
+
+def audit_queued(count: int) -> None:
+    AUDIT_QUEUED.set(count)
+
+
+def audit_written(count: int) -> None:
+    AUDIT_WRITTEN.inc(count)
+
+
+def audit_dropped(count: int = 1) -> None:
+    AUDIT_DROPPED.inc(count)
+
+
+for _state in SDS_STATES:
+    SDS_CONSUMERS.labels(_state)
+for _kind in WATCH_EVENT_KINDS:
+    WATCH_EVENTS_SENT.labels(_kind)
+
+
+# the RPC interceptor ------------------------------------------------------
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """``rpc_server_call_duration_seconds`` for every method, unary or
+    streaming (a stream lasts until its last message or its end), and
+    messages sent per server stream. Wrapped handlers are made once per
+    method, and label lookups once per method and status."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        details: Any,
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _wrap(details.method.lstrip("/"), handler)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+
+def _status(context: Any, error: BaseException | None) -> str:
+    """The status code's name, as rpc.response.status_code wants it."""
+    code = context.code()  # set by abort() or set_code()
+    if code is not None:
+        return str(code.name if isinstance(code, grpc.StatusCode) else code)
+    if error is None:
+        return "OK"
+    # asyncio.CancelledError: the client went away or the deadline passed.
+    return "UNKNOWN" if isinstance(error, Exception) else "CANCELLED"
+
+
+def _wrap(method: str, handler: Any) -> Any:
+    durations: dict[str, Any] = {}
+
+    def observe(context: Any, error: BaseException | None, started: float) -> None:
+        status = _status(context, error)
+        child = durations.get(status)
+        if child is None:
+            child = durations[status] = RPC_DURATION.labels("grpc", method, status)
+        child.observe(time.perf_counter() - started)
+
+    if not handler.response_streaming:
+        behavior = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                response = await behavior(request, context)
+            except BaseException as exc:
+                observe(context, exc, started)
+                raise
+            observe(context, None, started)
+            return response
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(unary, handler.request_deserializer, handler.response_serializer)
+
+    behavior = handler.unary_stream or handler.stream_stream
+    responses = RPC_RESPONSES.labels("grpc", method)
+
+    async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
+        started = time.perf_counter()
+        sent = 0
+        try:
+            result = behavior(request, context)
+            if hasattr(result, "__aiter__"):
+                async with aclosing(result):
+                    async for message in result:
+                        sent += 1
+                        yield message
+            else:
+                await result  # writes with context.write
+        except BaseException as exc:
+            observe(context, exc, started)
+            responses.observe(sent)
+            raise
+        observe(context, None, started)
+        responses.observe(sent)
+
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(streaming, handler.request_deserializer, handler.response_serializer)
+
+
+# the listener -------------------------------------------------------------
+
+
+class MetricsListener:
+    """Prometheus text on ``/metrics`` of its own HTTP listener (a thread)."""
+
+    def __init__(self, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        server, thread = start_http_server(int(port), host.strip("[]"), registry=REGISTRY)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.port: int = server.server_port
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
