@@ -116,7 +116,8 @@ class AssertionDir:
         return Assertion(Secret(text), expires_at)
 
     def _path(self, name: str) -> Path:
-        assert self._root is not None
+        if self._root is None:
+            raise AssertionUnusable(f"{name!r} cannot be read: no --assertion-dir is set")
         try:
             resolved = (self._root / name).resolve(strict=True)
         except (OSError, RuntimeError):  # missing, or a symlink loop

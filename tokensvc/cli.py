@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept http:// token endpoints off loopback (never do this in production)",
     )
+    serve.add_argument(
+        "--assertion-dir",
+        help="directory of platform-issued JWTs that registrations may name as assertion_file "
+        "(a projected service-account token volume, SPIFFE JWT-SVIDs)",
+    )
     serve.add_argument("--grace-period", type=float, help="seconds to drain calls on shutdown")
     serve.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")

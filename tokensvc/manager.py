@@ -24,6 +24,7 @@ from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
+    CredentialUnavailable,
     FetchError,
     InvalidArgument,
     InvalidTokenResponse,
@@ -517,6 +518,7 @@ def error_of(last: LastError) -> FetchError:
             TokenRequestRejected,
             AuthorizationServerUnavailable,
             InvalidTokenResponse,
+            CredentialUnavailable,
         )
     }
     cls = kinds.get(last.reason, AuthorizationServerUnavailable)

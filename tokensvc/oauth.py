@@ -34,10 +34,12 @@ from urllib.parse import quote_plus, urlencode
 import httpx2
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
 
+from tokensvc.assertions import AssertionDir, AssertionUnusable
 from tokensvc.discovery import Answer
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
+    CredentialUnavailable,
     FetchError,
     HostNotResolved,
     InvalidArgument,
@@ -47,10 +49,12 @@ from tokensvc.errors import (
 )
 from tokensvc.keys import client_assertion
 from tokensvc.registration import (
+    METHODS_OF_KIND,
     AssertionAudience,
     AuthMethod,
     Credential,
     CredentialKind,
+    GrantType,
     ServerSpec,
     UrlPolicy,
     choose_auth_method,
@@ -93,8 +97,10 @@ class TokenFetcher:
         clock: Clock = utcnow,
         transport: httpx2.AsyncBaseTransport | None = None,
         user_agent: str = "tokensvc",
+        assertions: AssertionDir | None = None,
     ) -> None:
         self._timeout = timeout
+        self._assertions = assertions or AssertionDir(None)
         self._default_lifetime = default_lifetime
         self._url_policy = url_policy
         self._clock = clock
@@ -112,14 +118,37 @@ class TokenFetcher:
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
         """One token request for ``spec`` (its token endpoint and auth method as
         resolved, see ``effective``); raises only :class:`FetchError` subclasses."""
+        auth, secret, grant = self._client_auth(spec, credential)
+        result = await self._send(spec, auth, grant)
+        if isinstance(result, FetchError):
+            raise result  # here, outside any except block: no __context__ to leak
+        return _read_response(result, spec, secret, self._clock(), self._default_lifetime)
+
+    def _client_auth(
+        self, spec: ServerSpec, credential: Credential
+    ) -> tuple[OAuth2ClientAuth, str, dict[str, str]]:
+        """The client authentication for the request, the secret it carries
+        (to be masked in whatever comes back) and the grant's parameters."""
         method = choose_auth_method(spec, credential.kind)
-        if (method is AuthMethod.PRIVATE_KEY_JWT) != (
-            credential.kind is CredentialKind.PRIVATE_KEY
-        ):
+        fits = METHODS_OF_KIND[credential.kind]
+        if spec.grant_type is GrantType.JWT_BEARER:
+            fits = (AuthMethod.NONE,) if credential.kind is CredentialKind.ASSERTION_FILE else ()
+        if method not in fits:
             raise TokenRequestRejected(
                 f"{method.value} cannot be used with a {credential.kind.value.replace('_', ' ')}: "
                 "register the credential that fits the auth method"
             )
+        grant = {"grant_type": spec.grant_type.value or "client_credentials"}
+        if credential.kind is CredentialKind.CLIENT_CERTIFICATE:
+            raise TokenRequestRejected("mutual-TLS client authentication is not wired yet")
+        if credential.kind is CredentialKind.ASSERTION_FILE:
+            secret = self._platform_assertion(credential.value.reveal())
+            if spec.grant_type is GrantType.JWT_BEARER:
+                grant["assertion"] = secret  # RFC 7523 section 2.1: the JWT is the grant
+                auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_body_auth())
+                return auth, secret, grant
+            auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
+            return auth, secret, grant
         if method is AuthMethod.PRIVATE_KEY_JWT:
             audience = spec.issuer or spec.token_endpoint
             if spec.assertion_audience is AssertionAudience.TOKEN_ENDPOINT:
@@ -134,18 +163,24 @@ class TokenFetcher:
                 spec.key_id,
             )
             auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
-        else:
-            secret = credential.value.reveal()
-            encoder: object = _encode_client_secret_basic
-            if method is AuthMethod.CLIENT_SECRET_POST:
-                encoder = "client_secret_post"  # authlib's own form-encodes correctly
-            auth = OAuth2ClientAuth(spec.client_id, secret, auth_method=encoder)
-        result = await self._send(spec, auth)
-        if isinstance(result, FetchError):
-            raise result  # here, outside any except block: no __context__ to leak
-        return _read_response(result, spec, secret, self._clock(), self._default_lifetime)
+            return auth, secret, grant
+        secret = credential.value.reveal()
+        encoder: object = _encode_client_secret_basic
+        if method is AuthMethod.CLIENT_SECRET_POST:
+            encoder = "client_secret_post"  # authlib's own form-encodes correctly
+        return OAuth2ClientAuth(spec.client_id, secret, auth_method=encoder), secret, grant
 
-    async def _send(self, spec: ServerSpec, auth: OAuth2ClientAuth) -> httpx2.Response | FetchError:
+    def _platform_assertion(self, name: str) -> str:
+        """The platform's JWT from the assertion file, read now (it rotates)."""
+        try:
+            return self._assertions.read(name).value.reveal()
+        except AssertionUnusable as exc:
+            why = str(exc)
+        raise CredentialUnavailable(f"assertion file {why}; no token request was sent")
+
+    async def _send(
+        self, spec: ServerSpec, auth: OAuth2ClientAuth, grant: dict[str, str]
+    ) -> httpx2.Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
         try:
             async with asyncio.timeout(self._timeout):
@@ -157,8 +192,8 @@ class TokenFetcher:
                     return TokenRequestRejected(f"token request not sent: {exc.message}")
                 response: httpx2.Response = await self._client.fetch_token(
                     spec.token_endpoint,
-                    grant_type="client_credentials",
                     auth=auth,
+                    **grant,
                     # Extra params go in the body, never as keyword arguments,
                     # which authlib would take for its own (verify=, proxy=...).
                     body=urlencode(spec.extra_token_params),
@@ -216,17 +251,15 @@ class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
         return resp
 
 
-def _assertion_auth(assertion: str) -> Any:
-    """RFC 7523 section 2.2 client authentication: the assertion in the body."""
+def _body_auth(**params: str) -> Any:
+    """Client authentication by form parameters in the body; empty ones are left out.
+    RFC 7523 section 2.2's client assertion, or no authentication but the client_id
+    (the jwt-bearer grant of SEP-1933 needs not even that: the assertion names the
+    workload)."""
 
     def encode(client: Any, method: str, uri: str, headers: Any, body: Any) -> tuple[str, Any, Any]:
-        extra = urlencode(
-            {
-                "client_id": client.client_id,
-                "client_assertion_type": ASSERTION_TYPE,
-                "client_assertion": assertion,
-            }
-        )
+        fields = {"client_id": client.client_id, **params}
+        extra = urlencode([(key, value) for key, value in fields.items() if value])
         if isinstance(body, bytes):
             body = body.decode()
         body = f"{body}&{extra}" if body else extra
@@ -234,6 +267,10 @@ def _assertion_auth(assertion: str) -> Any:
         return uri, headers, body
 
     return encode
+
+
+def _assertion_auth(assertion: str) -> Any:
+    return _body_auth(client_assertion_type=ASSERTION_TYPE, client_assertion=assertion)
 
 
 def _encode_client_secret_basic(

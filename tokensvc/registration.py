@@ -313,7 +313,7 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
         await policy.check(prefix + "issuer", spec.issuer)
     if spec.resource:
         policy.check_syntax(prefix + "resource", spec.resource)
-    if not spec.client_id:
+    if not spec.client_id and spec.grant_type is not GrantType.JWT_BEARER:
         raise InvalidArgument(prefix + "client_id", "is required: the OAuth client id")
     _check_text(prefix + "client_id", spec.client_id, MAX_CLIENT_ID, "client id")
     _check_text(prefix + "audience", spec.audience, MAX_URL, "audience")

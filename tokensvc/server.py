@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from tokensvc import __version__
 from tokensvc.api import AdminServicer, TokenServicer
+from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.crypto import KeyRing, load_keyring
@@ -117,6 +118,7 @@ class Service:
         origin = f"{self.replica_id}:{secrets.token_hex(4)}"
         self.store = await open_store(settings, keyring_for(settings), self.clock, origin)
         policy = UrlPolicy(allow_insecure_http=settings.allow_insecure_http)
+        assertions = AssertionDir(settings.assertion_dir, self.clock)
         if self.fetcher is None:
             self.fetcher = TokenFetcher(
                 timeout=settings.http_timeout,
@@ -125,6 +127,7 @@ class Service:
                 url_policy=policy,
                 clock=self.clock,
                 user_agent=f"tokensvc/{__version__} ({self.replica_id})",
+                assertions=assertions,
             )
         self.manager = TokenManager(
             self.store,
@@ -184,6 +187,7 @@ class Service:
                 self.fetcher.fetch,
                 self.auth,
                 access,
+                assertions,
                 self.clock,
             ),
             server,

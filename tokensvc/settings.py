@@ -31,6 +31,10 @@ class Settings:
     # Default: data_dir/keys, created with mode 0600 on first start.
     key_file: Path | None = None
     allow_insecure_http: bool = False
+    # Platform-issued JWTs (projected service-account tokens, JWT-SVIDs) that
+    # registrations may name as their assertion_file. None: such registrations
+    # are refused.
+    assertion_dir: Path | None = None
     http_timeout: float = 10.0
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
@@ -125,6 +129,8 @@ class Settings:
             raise ConfigurationError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigurationError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        if self.assertion_dir is not None and not Path(self.assertion_dir).is_dir():
+            raise ConfigurationError(f"assertion_dir: {self.assertion_dir} is not a directory")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
