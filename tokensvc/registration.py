@@ -94,6 +94,7 @@ METHODS_OF_KIND: dict[CredentialKind, tuple[AuthMethod, ...]] = {
     ),
     CredentialKind.ASSERTION_FILE: (AuthMethod.FEDERATED_ASSERTION,),
 }
+MTLS_METHODS = frozenset({AuthMethod.TLS_CLIENT_AUTH, AuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH})
 # How discovery metadata (token_endpoint_auth_methods_supported) names them:
 # a federated assertion is an RFC 7523 client assertion, "private_key_jwt" on
 # the wire.

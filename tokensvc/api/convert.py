@@ -179,6 +179,7 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
                 resource_metadata_url=found.resource_metadata_url,
                 metadata_url=found.metadata_url,
                 discover_time=timestamp(found.time),
+                mtls_token_endpoint=found.mtls_token_endpoint,
             )
         )
     if status.last_error is not None:

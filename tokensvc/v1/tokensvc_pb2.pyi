@@ -232,20 +232,22 @@ class Synced(_message.Message):
     def __init__(self) -> None: ...
 
 class Discovery(_message.Message):
-    __slots__ = ("issuer", "token_endpoint", "token_endpoint_auth_methods_supported", "resource_metadata_url", "metadata_url", "discover_time")
+    __slots__ = ("issuer", "token_endpoint", "token_endpoint_auth_methods_supported", "resource_metadata_url", "metadata_url", "discover_time", "mtls_token_endpoint")
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ENDPOINT_AUTH_METHODS_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_METADATA_URL_FIELD_NUMBER: _ClassVar[int]
     METADATA_URL_FIELD_NUMBER: _ClassVar[int]
     DISCOVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    MTLS_TOKEN_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     issuer: str
     token_endpoint: str
     token_endpoint_auth_methods_supported: _containers.RepeatedScalarFieldContainer[str]
     resource_metadata_url: str
     metadata_url: str
     discover_time: _timestamp_pb2.Timestamp
-    def __init__(self, issuer: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., token_endpoint_auth_methods_supported: _Optional[_Iterable[str]] = ..., resource_metadata_url: _Optional[str] = ..., metadata_url: _Optional[str] = ..., discover_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    mtls_token_endpoint: str
+    def __init__(self, issuer: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., token_endpoint_auth_methods_supported: _Optional[_Iterable[str]] = ..., resource_metadata_url: _Optional[str] = ..., metadata_url: _Optional[str] = ..., discover_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mtls_token_endpoint: _Optional[str] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
     __slots__ = ("server", "client_secret", "private_key_pem", "client_certificate", "assertion_file", "expected_revision", "keep_previous_credential", "drop_previous_credential")
