@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lifetime", type=float, default=10.0, help="token lifetime in seconds")
     demo.add_argument("--interval", type=float, default=1.0, help="seconds between tool calls")
 
+    bench = commands.add_parser(
+        "bench",
+        help="measure tokensvc on this machine, each figure beside a baseline from the same run",
+    )
+    bench.add_argument(
+        "measures",
+        nargs="*",
+        metavar="MEASURE",
+        help="hot-path, fan-out, refresh, register, cold-fill, broker-client (default: all)",
+    )
+    bench.add_argument("--quick", action="store_true", help="small and short: a smoke run")
+
     auth = commands.add_parser(
         "dev-authserver",
         help="run a local OAuth authorization server to try tokensvc with (not for production)",
@@ -238,6 +250,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(args.duration, args.lifetime, args.interval))
         except KeyboardInterrupt:
             return 130
+    if args.command == "bench":
+        from tokensvc.bench import MEASURES, run
+
+        unknown = set(args.measures) - set(MEASURES)
+        if unknown:
+            print(f"unknown measure {sorted(unknown)[0]!r}: use {', '.join(MEASURES)}")
+            return 2
+        logs.configure("error")  # the table is the output
+        figures = asyncio.run(run(args.measures, args.quick))
+        return 0 if all(figure.met for figure in figures) else 1
     if args.command == "dev-authserver":
         logs.configure()
         asyncio.run(_dev_authserver(args))

@@ -122,6 +122,7 @@ class TokenClient:
         self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
         self.rotations = 0
+        self.round_trips = 0  # get_token and report_rejected calls that asked tokensvc
 
     async def __aenter__(self) -> TokenClient:
         self.start()
@@ -189,6 +190,7 @@ class TokenClient:
 
     async def _ask(self, request: pb.GetTokenRequest) -> BrokerToken:
         generation = self._generations.get(request.server_id, 0)
+        self.round_trips += 1
         token = BrokerToken.from_proto(await self._stub.GetToken(request))
         if self._generations.get(request.server_id, 0) != generation:
             return token  # voided meanwhile: the caller may use it once, it is not kept
