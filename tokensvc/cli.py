@@ -103,9 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         "measures",
         nargs="*",
         metavar="MEASURE",
-        help="hot-path, fan-out, refresh, register, cold-fill, broker-client (default: all)",
+        help="hot-path, fan-out, refresh, register, cold-fill, broker-client, replicas "
+        "(default: all)",
     )
     bench.add_argument("--quick", action="store_true", help="small and short: a smoke run")
+    bench.add_argument(
+        "--database-url",
+        default="",
+        help="an empty PostgreSQL database (postgresql+asyncpg://...) for the replicas measure",
+    )
 
     auth = commands.add_parser(
         "dev-authserver",
@@ -258,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"unknown measure {sorted(unknown)[0]!r}: use {', '.join(MEASURES)}")
             return 2
         logs.configure("error")  # the table is the output
-        figures = asyncio.run(run(args.measures, args.quick))
+        figures = asyncio.run(run(args.measures, args.quick, args.database_url))
         return 0 if all(figure.met for figure in figures) else 1
     if args.command == "dev-authserver":
         logs.configure()

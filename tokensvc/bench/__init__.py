@@ -15,9 +15,9 @@ from tokensvc.bench.measures import MEASURES, Figure, Scale, table
 __all__ = ["MEASURES", "run"]
 
 
-async def run(names: Sequence[str], quick: bool = False) -> list[Figure]:
+async def run(names: Sequence[str], quick: bool = False, database_url: str = "") -> list[Figure]:
     """Runs the named measures (all if none) and prints the table; returns the figures."""
-    scale = Scale.quick() if quick else Scale()
+    scale = Scale.quick(database_url) if quick else Scale(database_url=database_url)
     figures: list[Figure] = []
     for name in names or list(MEASURES):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)

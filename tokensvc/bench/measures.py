@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import grpc
 import httpx2
 
 from tokensvc.bench import load
 from tokensvc.bench.baselines import BroadcastServer, NoopServer
-from tokensvc.bench.rig import CLIENT_ID, SECRET, AuthServerProcess, Rig, tokensvc
+from tokensvc.bench.rig import CLIENT_ID, SECRET, AuthServerProcess, Rig, ServeProcess, tokensvc
 from tokensvc.client import TokenClient
+from tokensvc.crypto import generate_key_entry
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 GET_TOKEN = "/tokensvc.v1.TokenService/GetToken"
@@ -57,10 +63,14 @@ class Scale:
     fill_servers: int = 2000
     brokers: int = 10
     broker_seconds: float = 20.0
+    replica_servers: int = 600
+    replica_lifetime: float = 20.0
+    # An empty PostgreSQL database for the replica measure (skipped without one).
+    database_url: str = ""
 
     @classmethod
-    def quick(cls) -> Scale:
-        return cls(1.0, 50, 50, 4.0, 100, 2, 6.0)
+    def quick(cls, database_url: str = "") -> Scale:
+        return cls(1.0, 50, 50, 4.0, 100, 2, 6.0, 30, 4.0, database_url)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -254,6 +264,60 @@ async def broker_client(scale: Scale) -> list[Figure]:
     ]
 
 
+async def replicas(scale: Scale) -> list[Figure]:
+    """CPU of three PostgreSQL replicas against one, for the same rotations:
+    adding replicas should add refresh capacity, not multiply the work."""
+    if not scale.database_url:
+        print("replicas: skipped, give --database-url of an empty PostgreSQL database")
+        return []
+    per_rotation = []
+    async with AuthServerProcess(scale.replica_lifetime) as auth:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")},
+            "TOKENSVC_DATABASE_URL": scale.database_url,
+            "TOKENSVC_KEYS": generate_key_entry(),
+            "TOKENSVC_LOG_LEVEL": "error",
+        }
+        with tempfile.TemporaryDirectory() as data:
+            env["TOKENSVC_DATA_DIR"] = data
+            await _tokensvc_command(env, "migrate")
+            for count in (1, 3):
+                async with contextlib.AsyncExitStack() as stack:
+                    replicas = [
+                        await stack.enter_async_context(ServeProcess(env)) for _ in range(count)
+                    ]
+                    if count == 1:
+                        channel = grpc.aio.insecure_channel(f"127.0.0.1:{replicas[0].port}")
+                        stack.push_async_callback(channel.close)
+                        rig = Rig(replicas[0].port, channel, auth.token_endpoint)
+                        ids = [f"rep-{i:04d}" for i in range(scale.replica_servers)]
+                        await _registered_with_tokens(rig, ids)
+                    cpu = sum(r.cpu_seconds() for r in replicas)
+                    before = await auth.requests()
+                    await asyncio.sleep(scale.replica_lifetime * 1.5)
+                    cpu = sum(r.cpu_seconds() for r in replicas) - cpu
+                    per_rotation.append(cpu / max(1, await auth.requests() - before))
+    return [
+        Figure(
+            f"CPU of 3 PostgreSQL replicas for the same rotations ({scale.replica_servers} "
+            f"servers, {scale.replica_lifetime:g} s tokens)",
+            per_rotation[1] * 1000,
+            per_rotation[0] * 1000,
+            "1 replica",
+            1.5,
+            unit="ms CPU per rotation",
+        )
+    ]
+
+
+async def _tokensvc_command(env: dict[str, str], *args: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokensvc.cli", *args, env=env, stdout=asyncio.subprocess.DEVNULL
+    )
+    if await process.wait() != 0:
+        raise RuntimeError(f"tokensvc {' '.join(args)} failed")
+
+
 MEASURES: dict[str, Callable[[Scale], Awaitable[list[Figure]]]] = {
     "hot-path": hot_path,
     "fan-out": fan_out,
@@ -261,6 +325,7 @@ MEASURES: dict[str, Callable[[Scale], Awaitable[list[Figure]]]] = {
     "register": registration,
     "cold-fill": cold_fill,
     "broker-client": broker_client,
+    "replicas": replicas,
 }
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokensvc.server import Service
 from tokensvc.settings import Settings
@@ -79,10 +83,10 @@ async def _serve_async(conn: Connection, lifetime: float) -> None:
 
 
 class Rig:
-    """A tokensvc on 127.0.0.1:<free port> with its stubs, SQLite in a temporary directory."""
+    """A tokensvc on 127.0.0.1:``port``, its stubs, and how to register servers with it."""
 
-    def __init__(self, service: Service, channel: grpc.aio.Channel, token_endpoint: str) -> None:
-        self.service = service
+    def __init__(self, port: int, channel: grpc.aio.Channel, token_endpoint: str) -> None:
+        self.port = port
         self.channel = channel
         self.token_endpoint = token_endpoint
         self.tokens = pb_grpc.TokenServiceStub(channel)
@@ -90,7 +94,7 @@ class Rig:
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.service.port}"
+        return f"127.0.0.1:{self.port}"
 
     def registration(self, server_id: str) -> pb.RegisterServerRequest:
         return pb.RegisterServerRequest(
@@ -115,6 +119,7 @@ class Rig:
 
 @asynccontextmanager
 async def tokensvc(auth: AuthServerProcess, **settings: Any) -> AsyncIterator[Rig]:
+    """tokensvc in this process (so that its CPU is this process's), on SQLite."""
     with tempfile.TemporaryDirectory(prefix="tokensvc-bench-") as data:
         service = Service(
             Settings(listen="127.0.0.1:0", data_dir=Path(data), **settings).validate()
@@ -122,7 +127,53 @@ async def tokensvc(auth: AuthServerProcess, **settings: Any) -> AsyncIterator[Ri
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
         try:
-            yield Rig(service, channel, auth.token_endpoint)
+            yield Rig(service.port, channel, auth.token_endpoint)
         finally:
             await channel.close()
             await service.stop(grace=1.0)
+
+
+class ServeProcess:
+    """``tokensvc serve`` as a process of its own, on a free loopback port;
+    ``cpu_seconds`` reads its user + system time from /proc (Linux)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self._env = env
+        self.process: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        with socket.socket() as probe:  # a free port; the race is harmless in a bench
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tokensvc.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            env=self._env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+        return self
+
+    def cpu_seconds(self) -> float:
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
