@@ -18,6 +18,7 @@ from typing import Any
 
 from tokensvc.errors import ConfigurationError
 from tokensvc.policy import RefreshPolicy
+from tokensvc.token import DEFAULT_MIN_VALID_FOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +39,7 @@ class Settings:
     http_timeout: float = 10.0
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
-    min_valid_for: float = 5.0
+    min_valid_for: float = DEFAULT_MIN_VALID_FOR.total_seconds()
     grace_period: float = 10.0
     refresh_fraction: float = 0.5
     refresh_jitter: float = 0.05

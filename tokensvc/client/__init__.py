@@ -29,7 +29,7 @@ import grpc
 import httpx2
 from google.protobuf.duration_pb2 import Duration
 
-from tokensvc.token import Clock, sha256_hex, utcnow
+from tokensvc.token import DEFAULT_MIN_VALID_FOR, Clock, fresh_enough, sha256_hex, utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
@@ -58,10 +58,7 @@ class BrokerToken:
         return f"{self.token_type} {self.access_token}"
 
     def fresh(self, wanted: timedelta, now: datetime) -> bool:
-        # As tokensvc does: asking for more than half a lifetime is asking for
-        # half, or every call on short-lived tokens would be a round trip.
-        lifetime = self.expires_at - self.issued_at
-        return self.expires_at - now >= min(wanted, lifetime / 2)
+        return fresh_enough(self.issued_at, self.expires_at, wanted, now)
 
     @classmethod
     def from_proto(cls, token: pb.Token) -> BrokerToken:
@@ -85,7 +82,7 @@ class TokenClient:
         *,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        min_valid_for: timedelta = timedelta(seconds=5),
+        min_valid_for: timedelta = DEFAULT_MIN_VALID_FOR,
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
         clock: Clock = utcnow,
