@@ -35,6 +35,12 @@ from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 __all__ = ["BrokerToken", "TokenAuth", "TokenClient"]
 
+# While the stream is synced, a pushed token is used until this close to its
+# expiry: tokensvc pushes its successor at about half the lifetime, long before,
+# and the margin covers the trip to the MCP server. Without a stream, or when a
+# caller asks for a longer validity, the freshness rule of tokensvc applies.
+SYNCED_MARGIN = timedelta(seconds=1)
+
 log = logging.getLogger(__name__)
 
 
@@ -161,12 +167,20 @@ class TokenClient:
     async def get_token(
         self, server_id: str, min_valid_for: timedelta | None = None
     ) -> BrokerToken:
-        """A token valid at least ``min_valid_for`` (at most half its lifetime
-        is asked for): from memory when the stream has one, else ``GetToken``."""
+        """A token from memory when the stream has one, else from ``GetToken``.
+        While the stream is synced, the pushed token is used until
+        ``SYNCED_MARGIN`` before its expiry (its successor comes before that);
+        otherwise, or with ``min_valid_for``, it must be valid that long (at
+        most half its lifetime is asked for)."""
         wanted = self._min_valid_for if min_valid_for is None else min_valid_for
         held = self._tokens.get(server_id)
-        if held is not None and held.fresh(wanted, self._clock()):
-            return held
+        if held is not None:
+            now = self._clock()
+            if min_valid_for is None and self.synced:
+                if held.expires_at - now >= SYNCED_MARGIN:
+                    return held
+            elif held.fresh(wanted, now):
+                return held
         request = pb.GetTokenRequest(server_id=server_id)
         if min_valid_for is not None:
             request.min_valid_for.CopyFrom(_duration(wanted))
