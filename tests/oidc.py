@@ -152,8 +152,18 @@ class OidcProvider:
     """oidc-provider on 127.0.0.1:<free port>, with ``clients`` and access tokens
     living ``ttl`` seconds. Its URLs are known once the ``async with`` is entered."""
 
-    def __init__(self, clients: list[dict[str, Any]], *, ttl: int = 60) -> None:
-        self.config = {"clients": clients, "ttl": ttl}
+    def __init__(
+        self,
+        clients: list[dict[str, Any]],
+        *,
+        ttl: int = 60,
+        tls: dict[str, str] | None = None,
+    ) -> None:
+        """``tls``: {"cert", "key", "client_ca"} PEMs, to serve https and take
+        RFC 8705 client certificates (see provider.mjs)."""
+        self.config: dict[str, Any] = {"clients": clients, "ttl": ttl}
+        if tls is not None:
+            self.config["tls"] = tls
         self.issuer = ""
         self.port = 0
         self.start_seconds = 0.0  # from spawning node to its "listening" line

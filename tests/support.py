@@ -191,6 +191,10 @@ class Harness:
     async def register(
         self, server_id: str = "alpha", secret: str | None = SECRET, **fields: Any
     ) -> pb.Server:
+        """Registers a server; ``fields`` of RegisterServerRequest (another
+        credential, expected_revision...) go to the request, the rest to Server."""
+        named = pb.RegisterServerRequest.DESCRIPTOR.fields_by_name
+        outer = {name: fields.pop(name) for name in list(fields) if name in named}
         server = pb.Server(
             id=server_id,
             mcp_url=fields.pop("mcp_url", f"http://127.0.0.1:9/{server_id}/mcp"),
@@ -198,7 +202,7 @@ class Harness:
             client_id=fields.pop("client_id", CLIENT_ID),
             **fields,
         )
-        request = pb.RegisterServerRequest(server=server)
+        request = pb.RegisterServerRequest(server=server, **outer)
         if secret is not None:
             request.client_secret = secret
         return await self.admin.RegisterServer(request)

@@ -26,13 +26,13 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from tokensvc.client import BrokerToken, TokenAuth, TokenClient
+from tokensvc.client import SYNCED_MARGIN, BrokerToken, TokenAuth, TokenClient
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.token import utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, Harness, running_service
+from support import CLIENT_ID, FakeClock, Harness, running_service
 
 TIMEOUT = 30  # seconds; a generous bound on every wait
 NEW_SECRET = "cs-rotated-Secret+%ü-2b9c"
@@ -331,21 +331,13 @@ async def test_short_lived_tokens_are_served_from_memory_not_by_a_round_trip_eac
 ) -> None:
     auth.behaviour.lifetime = 4  # shorter than the default min_valid_for of 5 s
     await harness.register("alpha")
-    async with TokenClient(harness.target, ["alpha"]) as client:
-        await synced(client)
-        calls = []
-        original = client._stub.GetToken
-
-        def counting(*args: Any, **kwargs: Any) -> Any:
-            calls.append(args)
-            return original(*args, **kwargs)
-
-        client._stub.GetToken = counting  # type: ignore[method-assign]
+    arrivals = Arrivals()
+    async with TokenClient(harness.target, ["alpha"], on_token=arrivals) as client:
+        await arrivals.token_of("alpha")
         for _ in range(50):
             assert (await client.get_token("alpha")).expires_at > utcnow()
-        # Without the cap every call would be a round trip; near a rotation
-        # (jitter) one may be.
-        assert len(calls) <= 2
+        # While synced, the stream's token is trusted until its successor comes.
+        assert client.round_trips == 0
 
 
 async def test_a_failing_on_token_callback_does_not_stop_the_stream(
@@ -365,3 +357,44 @@ async def test_a_failing_on_token_callback_does_not_stop_the_stream(
     async with TokenClient(harness.target, ["alpha"], on_token=broken) as client:
         await asyncio.wait_for(enough.wait(), TIMEOUT)
         assert client.reconnects == 0 and seen == sorted(seen)
+
+
+async def test_while_synced_the_pushed_token_is_used_until_the_margin_before_its_expiry(
+    harness: Harness, auth: AuthServer
+) -> None:
+    # Long-lived tokens and the client's own fake clock: no rotation comes
+    # while the test moves the client's time towards expiry.
+    await harness.register("alpha")
+    clock, arrivals = FakeClock(), Arrivals()
+    async with TokenClient(harness.target, ["alpha"], clock=clock, on_token=arrivals) as client:
+        held = await arrivals.token_of("alpha")
+        await synced(client)
+        # Past the default 5 s of validity (where the rule gives up), to the margin:
+        for left in (5.0, 4.0, 2.0, SYNCED_MARGIN.total_seconds()):
+            clock.now = held.expires_at - timedelta(seconds=left)
+            assert await client.get_token("alpha") is held
+        assert client.round_trips == 0
+        clock.now = held.expires_at - SYNCED_MARGIN + timedelta(microseconds=1)
+        await client.get_token("alpha")  # too close: ask tokensvc
+        assert client.round_trips == 1
+        # A caller that asks for a validity gets the rule of tokensvc.
+        clock.now = held.expires_at - timedelta(seconds=4)
+        await client.get_token("alpha", min_valid_for=timedelta(seconds=10))
+        assert client.round_trips == 2
+
+
+async def test_without_a_synced_stream_the_rule_of_tokensvc_applies(
+    harness: Harness, auth: AuthServer
+) -> None:
+    await harness.register("alpha")
+    clock = FakeClock()
+    client = TokenClient(harness.target, ["alpha"], clock=clock)  # never started: no stream
+    try:
+        held = await client.get_token("alpha")
+        clock.now = held.expires_at - timedelta(seconds=5)  # the default 5 s left: fresh
+        assert await client.get_token("alpha") is held
+        clock.now = held.expires_at - timedelta(seconds=4)
+        await client.get_token("alpha")
+        assert client.round_trips == 2
+    finally:
+        await client.close()

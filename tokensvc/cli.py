@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds between refreshes forced by rejected-token reports, per server (default 10)",
     )
+    serve.add_argument(
+        "--assertion-dir",
+        help="directory of platform-issued JWTs that registrations may name as assertion_file "
+        "(a projected service-account token volume, SPIFFE JWT-SVIDs)",
+    )
     serve.add_argument("--grace-period", type=float, help="seconds to drain calls on shutdown")
     serve.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -104,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="seconds to run (default: until Ctrl-C)")
     demo.add_argument("--lifetime", type=float, default=10.0, help="token lifetime in seconds")
     demo.add_argument("--interval", type=float, default=1.0, help="seconds between tool calls")
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure tokensvc on this machine, each figure beside a baseline from the same run",
+    )
+    bench.add_argument(
+        "measures",
+        nargs="*",
+        metavar="MEASURE",
+        help="hot-path, fan-out, refresh, register, cold-fill, broker-client, replicas "
+        "(default: all)",
+    )
+    bench.add_argument("--quick", action="store_true", help="small and short: a smoke run")
+    bench.add_argument(
+        "--database-url",
+        default="",
+        help="an empty PostgreSQL database (postgresql+asyncpg://...) for the replicas measure",
+    )
 
     auth = commands.add_parser(
         "dev-authserver",
@@ -250,6 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(run_demo(args.duration, args.lifetime, args.interval))
         except KeyboardInterrupt:
             return 130
+    if args.command == "bench":
+        from tokensvc.bench import MEASURES, run
+
+        unknown = set(args.measures) - set(MEASURES)
+        if unknown:
+            print(f"unknown measure {sorted(unknown)[0]!r}: use {', '.join(MEASURES)}")
+            return 2
+        logs.configure("error")  # the table is the output
+        figures = asyncio.run(run(args.measures, args.quick, args.database_url))
+        return 0 if all(figure.met for figure in figures) else 1
     if args.command == "dev-authserver":
         logs.configure()
         asyncio.run(_dev_authserver(args))

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tokensvc.egress import Answer, UrlPolicy
 from tokensvc.errors import InvalidArgument
-from tokensvc.registration import CredentialKind, ServerSpec, choose_auth_method
+from tokensvc.registration import MTLS_METHODS, CredentialKind, ServerSpec, choose_auth_method
 from tokensvc.token import Clock, utcnow
 
 RESOURCE_METADATA = re.compile(r'resource_metadata="([^"]+)"')
@@ -34,6 +34,8 @@ class Discovery:
     resource_metadata_url: str = ""
     metadata_url: str = ""
     time: datetime | None = field(default=None, compare=False)
+    # RFC 8705 section 5: where clients authenticating with mTLS send token requests.
+    mtls_token_endpoint: str = ""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -44,6 +46,7 @@ class Discovery:
                 "resource_metadata_url": self.resource_metadata_url,
                 "metadata_url": self.metadata_url,
                 "time": self.time.isoformat() if self.time else None,
+                "mtls_token_endpoint": self.mtls_token_endpoint,
             }
         )
 
@@ -59,6 +62,7 @@ class Discovery:
             resource_metadata_url=data.get("resource_metadata_url", ""),
             metadata_url=data.get("metadata_url", ""),
             time=datetime.fromisoformat(data["time"]) if data.get("time") else None,
+            mtls_token_endpoint=data.get("mtls_token_endpoint", ""),
         )
 
 
@@ -71,12 +75,19 @@ class Getter(Protocol):
 
 def complete(spec: ServerSpec, kind: CredentialKind | None, found: Discovery | None) -> ServerSpec:
     """What a token is fetched with: the registration, completed by what
-    discovery found (token endpoint, issuer) and the auth method chosen."""
+    discovery found (token endpoint, issuer) and the auth method chosen. A
+    client authenticating with mTLS uses the discovered mTLS alias, if any."""
+    method = choose_auth_method(spec, kind, found.auth_methods_supported if found else ())
+    endpoint = spec.token_endpoint
+    if not endpoint and found is not None:
+        endpoint = found.token_endpoint
+        if method in MTLS_METHODS and found.mtls_token_endpoint:
+            endpoint = found.mtls_token_endpoint
     return replace(
         spec,
-        token_endpoint=spec.token_endpoint or (found.token_endpoint if found else ""),
+        token_endpoint=endpoint,
         issuer=spec.issuer or (found.issuer if found else ""),
-        auth_method=choose_auth_method(spec, kind, found.auth_methods_supported if found else ()),
+        auth_method=method,
     )
 
 
@@ -105,6 +116,11 @@ async def discover(
         raise InvalidArgument(
             field_name, f"the discovered token endpoint is refused: {exc.message}"
         ) from None
+    mtls_token_endpoint = ""
+    aliases = document.get("mtls_endpoint_aliases")
+    if isinstance(aliases, dict) and isinstance(aliases.get("token_endpoint"), str):
+        mtls_token_endpoint = aliases["token_endpoint"]
+        await _allowed(policy, mtls_token_endpoint, field_name)
     methods = document.get("token_endpoint_auth_methods_supported") or ()
     if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
         methods = ()
@@ -115,6 +131,7 @@ async def discover(
         resource_metadata_url=resource_metadata_url,
         metadata_url=metadata_url,
         time=clock(),
+        mtls_token_endpoint=mtls_token_endpoint,
     )
 
 

@@ -20,8 +20,10 @@
         └── TransientFetchError     retry with backoff
             ├── AuthorizationServerUnavailable
             │                       UNAVAILABLE          AUTHORIZATION_SERVER_UNAVAILABLE
-            └── InvalidTokenResponse
-                                    UNAVAILABLE          INVALID_TOKEN_RESPONSE
+            ├── InvalidTokenResponse
+            │                       UNAVAILABLE          INVALID_TOKEN_RESPONSE
+            └── CredentialUnavailable
+                                    UNAVAILABLE          CREDENTIAL_UNAVAILABLE
 
 Foreign exceptions (httpx2, authlib, SQLAlchemy) are turned into these at the
 one module that imports that library. Messages never contain a secret, a
@@ -192,6 +194,14 @@ class AuthorizationServerUnavailable(TransientFetchError):
 
 class InvalidTokenResponse(TransientFetchError):
     reason = "INVALID_TOKEN_RESPONSE"
+
+
+class CredentialUnavailable(TransientFetchError):
+    """tokensvc's own credential cannot be used now: the platform's assertion
+    file is missing, not a JWT or expired. No request was sent; the platform
+    is expected to renew it."""
+
+    reason = "CREDENTIAL_UNAVAILABLE"
 
 
 # The one table from error to gRPC status code. Most specific class first.

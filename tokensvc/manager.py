@@ -25,6 +25,7 @@ from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
+    CredentialUnavailable,
     FetchError,
     InvalidArgument,
     InvalidTokenResponse,
@@ -47,7 +48,7 @@ from tokensvc.registration import Credential, ServerSpec
 from tokensvc.scheduler import Scheduler
 from tokensvc.store import FetchContext, LastError, ServerRecord, Store
 from tokensvc.store.notify import Change
-from tokensvc.token import Clock, ServerToken, Token, utcnow
+from tokensvc.token import DEFAULT_MIN_VALID_FOR, Clock, ServerToken, Token, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class TokenManager:
         fetch: Fetch,
         *,
         clock: Clock = utcnow,
-        min_valid_for: timedelta = timedelta(seconds=5),
+        min_valid_for: timedelta = DEFAULT_MIN_VALID_FOR,
         policy: RefreshPolicy | None = None,
         bus: EventBus | None = None,
         rng: random.Random | None = None,
@@ -187,7 +188,7 @@ class TokenManager:
         return forced is not None and self._clock() - forced < self.min_forced_refresh_interval
 
     def _fresh_enough(self, held: ServerToken, wanted: timedelta) -> bool:
-        return held.token.valid_for(min(wanted, held.token.lifetime / 2), self._clock())
+        return held.token.fresh_enough(wanted, self._clock())
 
     async def _join_refresh(
         self, server_id: str, replaces: int, wanted: timedelta, rejected_sha256: str = ""
@@ -547,6 +548,7 @@ def error_of(last: LastError) -> FetchError:
             TokenRequestRejected,
             AuthorizationServerUnavailable,
             InvalidTokenResponse,
+            CredentialUnavailable,
         )
     }
     cls = kinds.get(last.reason, AuthorizationServerUnavailable)

@@ -32,10 +32,12 @@ from urllib.parse import quote, quote_plus, urlencode
 
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
 
+from tokensvc.assertions import AssertionDir, AssertionUnusable
 from tokensvc.egress import Egress, HTTPError, Response, ResponseRefused, words
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
+    CredentialUnavailable,
     FetchError,
     HostNotResolved,
     InvalidArgument,
@@ -47,14 +49,16 @@ from tokensvc.keys import client_assertion
 from tokensvc.registration import (
     MAX_SCOPE,
     MAX_SCOPES,
+    METHODS_OF_KIND,
     AssertionAudience,
     AuthMethod,
     Credential,
     CredentialKind,
+    GrantType,
     ServerSpec,
     choose_auth_method,
 )
-from tokensvc.token import Clock, Token, utcnow
+from tokensvc.token import Clock, Token, jwt_expiry, utcnow
 
 # A server may claim any lifetime; beyond this we refresh anyway (and a huge
 # value would overflow datetime arithmetic).
@@ -88,7 +92,9 @@ class TokenFetcher:
         *,
         default_lifetime: timedelta = timedelta(seconds=300),
         clock: Clock = utcnow,
+        assertions: AssertionDir | None = None,
     ) -> None:
+        self._assertions = assertions or AssertionDir(None)
         self._own_egress = egress is None
         self._egress = egress or Egress()
         self._timeout = self._egress.timeout
@@ -100,14 +106,38 @@ class TokenFetcher:
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
         """One token request for ``spec`` (its token endpoint and auth method as
         resolved, see ``effective``); raises only :class:`FetchError` subclasses."""
+        auth, secret, grant = self._client_auth(spec, credential)
+        result = await self._send(spec, auth, grant)
+        if isinstance(result, FetchError):
+            raise result  # here, outside any except block: no __context__ to leak
+        masks = secret_forms(spec.client_id, secret)
+        return _read_response(result, spec, masks, self._clock(), self._default_lifetime)
+
+    def _client_auth(
+        self, spec: ServerSpec, credential: Credential
+    ) -> tuple[OAuth2ClientAuth, str, dict[str, str]]:
+        """The client authentication for the request, the secret it carries
+        (to be masked in whatever comes back) and the grant's parameters."""
         method = choose_auth_method(spec, credential.kind)
-        if (method is AuthMethod.PRIVATE_KEY_JWT) != (
-            credential.kind is CredentialKind.PRIVATE_KEY
-        ):
+        fits = METHODS_OF_KIND[credential.kind]
+        if spec.grant_type is GrantType.JWT_BEARER:
+            fits = (AuthMethod.NONE,) if credential.kind is CredentialKind.ASSERTION_FILE else ()
+        if method not in fits:
             raise TokenRequestRejected(
                 f"{method.value} cannot be used with a {credential.kind.value.replace('_', ' ')}: "
                 "register the credential that fits the auth method"
             )
+        grant = {"grant_type": spec.grant_type.value or "client_credentials"}
+        if credential.kind is CredentialKind.CLIENT_CERTIFICATE:
+            raise TokenRequestRejected("mutual-TLS client authentication is not wired yet")
+        if credential.kind is CredentialKind.ASSERTION_FILE:
+            secret = self._platform_assertion(credential.value.reveal())
+            if spec.grant_type is GrantType.JWT_BEARER:
+                grant["assertion"] = secret  # RFC 7523 section 2.1: the JWT is the grant
+                auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_body_auth())
+                return auth, secret, grant
+            auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
+            return auth, secret, grant
         if method is AuthMethod.PRIVATE_KEY_JWT:
             audience = spec.issuer or spec.token_endpoint
             if spec.assertion_audience is AssertionAudience.TOKEN_ENDPOINT:
@@ -122,27 +152,32 @@ class TokenFetcher:
                 spec.key_id,
             )
             auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
-        else:
-            secret = credential.value.reveal()
-            encoder: object = _encode_client_secret_basic
-            if method is AuthMethod.CLIENT_SECRET_POST:
-                encoder = "client_secret_post"  # authlib's own form-encodes correctly
-            auth = OAuth2ClientAuth(spec.client_id, secret, auth_method=encoder)
-        result = await self._send(spec, auth)
-        if isinstance(result, FetchError):
-            raise result  # here, outside any except block: no __context__ to leak
-        masks = secret_forms(spec.client_id, secret)
-        return _read_response(result, spec, masks, self._clock(), self._default_lifetime)
+            return auth, secret, grant
+        secret = credential.value.reveal()
+        encoder: object = _encode_client_secret_basic
+        if method is AuthMethod.CLIENT_SECRET_POST:
+            encoder = "client_secret_post"  # authlib's own form-encodes correctly
+        return OAuth2ClientAuth(spec.client_id, secret, auth_method=encoder), secret, grant
 
-    async def _send(self, spec: ServerSpec, auth: OAuth2ClientAuth) -> Response | FetchError:
+    def _platform_assertion(self, name: str) -> str:
+        """The platform's JWT from the assertion file, read now (it rotates)."""
+        try:
+            return self._assertions.read(name).value.reveal()
+        except AssertionUnusable as exc:
+            why = str(exc)
+        raise CredentialUnavailable(f"assertion file {why}; no token request was sent")
+
+    async def _send(
+        self, spec: ServerSpec, auth: OAuth2ClientAuth, grant: dict[str, str]
+    ) -> Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
         try:
             async with asyncio.timeout(self._timeout):
                 self._url_policy.check_syntax("server.token_endpoint", spec.token_endpoint)
                 response: Response = await self._client.fetch_token(
                     spec.token_endpoint,
-                    grant_type="client_credentials",
                     auth=auth,
+                    **grant,
                     # Extra params go in the body, never as keyword arguments,
                     # which authlib would take for its own (verify=, proxy=...).
                     body=urlencode(spec.extra_token_params),
@@ -178,17 +213,15 @@ class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
         return resp
 
 
-def _assertion_auth(assertion: str) -> Any:
-    """RFC 7523 section 2.2 client authentication: the assertion in the body."""
+def _body_auth(**params: str) -> Any:
+    """Client authentication by form parameters in the body; empty ones are left out.
+    RFC 7523 section 2.2's client assertion, or no authentication but the client_id
+    (the jwt-bearer grant of SEP-1933 needs not even that: the assertion names the
+    workload)."""
 
     def encode(client: Any, method: str, uri: str, headers: Any, body: Any) -> tuple[str, Any, Any]:
-        extra = urlencode(
-            {
-                "client_id": client.client_id,
-                "client_assertion_type": ASSERTION_TYPE,
-                "client_assertion": assertion,
-            }
-        )
+        fields = {"client_id": client.client_id, **params}
+        extra = urlencode([(key, value) for key, value in fields.items() if value])
         if isinstance(body, bytes):
             body = body.decode()
         body = f"{body}&{extra}" if body else extra
@@ -196,6 +229,10 @@ def _assertion_auth(assertion: str) -> Any:
         return uri, headers, body
 
     return encode
+
+
+def _assertion_auth(assertion: str) -> Any:
+    return _body_auth(client_assertion_type=ASSERTION_TYPE, client_assertion=assertion)
 
 
 def _encode_client_secret_basic(
@@ -276,7 +313,7 @@ def _expiry(expires_in: object, access_token: str, now: datetime, default: timed
     seconds = _positive_seconds(expires_in)
     if seconds is not None:  # clamped before timedelta(), which overflows near 1e14 s
         return now + timedelta(seconds=min(seconds, MAX_LIFETIME.total_seconds()))
-    exp = _jwt_exp(access_token)
+    exp = jwt_expiry(access_token)
     if exp is not None and exp > now:
         return min(exp, now + MAX_LIFETIME)
     return now + default
@@ -290,21 +327,6 @@ def _positive_seconds(value: object) -> float | None:
     except (ValueError, OverflowError):
         return None
     return seconds if math.isfinite(seconds) and seconds > 0 else None
-
-
-def _jwt_exp(access_token: str) -> datetime | None:
-    """The ``exp`` claim of a JWT, unverified: we are not its audience, only its courier."""
-    parts = access_token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = _json_object(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-        exp = (claims or {}).get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
-            return None
-        return datetime.fromtimestamp(exp, UTC)
-    except (ValueError, OverflowError, OSError):
-        return None
 
 
 def _json_object(content: bytes) -> dict[str, Any] | None:

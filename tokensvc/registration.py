@@ -6,11 +6,15 @@ stored; a rejection names the request field and what would be accepted.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 
+from tokensvc import client_cert
+from tokensvc.assertions import AssertionDir
 from tokensvc.egress import MAX_URL, UrlPolicy
 from tokensvc.errors import InvalidArgument
 from tokensvc.keys import RSA_ALGS, check_private_key
@@ -49,6 +53,15 @@ class AuthMethod(StrEnum):
     CLIENT_SECRET_BASIC = "client_secret_basic"
     CLIENT_SECRET_POST = "client_secret_post"
     PRIVATE_KEY_JWT = "private_key_jwt"
+    TLS_CLIENT_AUTH = "tls_client_auth"  # RFC 8705 section 2.1
+    SELF_SIGNED_TLS_CLIENT_AUTH = "self_signed_tls_client_auth"  # RFC 8705 section 2.2
+    FEDERATED_ASSERTION = "federated_assertion"  # a platform JWT as client_assertion
+    NONE = "none"  # the jwt-bearer grant: the assertion is the grant
+
+
+class GrantType(StrEnum):
+    CLIENT_CREDENTIALS = ""  # RFC 6749 section 4.4
+    JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"  # RFC 7523 section 2.1
 
 
 class AssertionAudience(StrEnum):
@@ -60,12 +73,73 @@ class AssertionAudience(StrEnum):
 class CredentialKind(StrEnum):
     CLIENT_SECRET = "client_secret"
     PRIVATE_KEY = "private_key"
+    CLIENT_CERTIFICATE = "client_certificate"  # certificate and key PEM, one after the other
+    ASSERTION_FILE = "assertion_file"  # a file name in the assertion directory; not secret
+
+
+# Which client authentication methods each kind of credential can serve, the
+# first one preferred when the authorization server does not say.
+METHODS_OF_KIND: dict[CredentialKind, tuple[AuthMethod, ...]] = {
+    CredentialKind.CLIENT_SECRET: (AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST),
+    CredentialKind.PRIVATE_KEY: (AuthMethod.PRIVATE_KEY_JWT,),
+    CredentialKind.CLIENT_CERTIFICATE: (
+        AuthMethod.TLS_CLIENT_AUTH,
+        AuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH,
+    ),
+    CredentialKind.ASSERTION_FILE: (AuthMethod.FEDERATED_ASSERTION,),
+}
+MTLS_METHODS = frozenset({AuthMethod.TLS_CLIENT_AUTH, AuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH})
+# How discovery metadata (token_endpoint_auth_methods_supported) names them:
+# a federated assertion is an RFC 7523 client assertion, "private_key_jwt" on
+# the wire.
+WIRE_NAMES = {AuthMethod.FEDERATED_ASSERTION: "private_key_jwt"}
 
 
 @dataclass(frozen=True, slots=True)
 class Credential:
     kind: CredentialKind
     value: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialInfo:
+    """What may be shown of a credential: never the credential itself."""
+
+    kind: CredentialKind
+    expire_time: datetime | None = None  # a client certificate's notAfter
+    certificate_subject: str = ""
+    assertion_file: str = ""
+
+    @staticmethod
+    def of(credential: Credential) -> CredentialInfo:
+        kind, value = credential.kind, credential.value.reveal()
+        if kind is CredentialKind.CLIENT_CERTIFICATE:
+            parsed = client_cert.parse(value)
+            return CredentialInfo(kind, parsed.not_after, parsed.subject)
+        if kind is CredentialKind.ASSERTION_FILE:
+            return CredentialInfo(kind, assertion_file=value)
+        return CredentialInfo(kind)
+
+    def to_json(self) -> str:
+        expires = self.expire_time.isoformat() if self.expire_time else None
+        return json.dumps(
+            {
+                "expire_time": expires,
+                "certificate_subject": self.certificate_subject,
+                "assertion_file": self.assertion_file,
+            }
+        )
+
+    @staticmethod
+    def from_json(kind: CredentialKind, text: str | None) -> CredentialInfo:
+        data = json.loads(text) if text else {}
+        expires = data.get("expire_time")
+        return CredentialInfo(
+            kind,
+            datetime.fromisoformat(expires) if expires else None,
+            data.get("certificate_subject", ""),
+            data.get("assertion_file", ""),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +163,7 @@ class ServerSpec:
     key_id: str = ""
     signing_alg: str = ""
     assertion_audience: AssertionAudience = AssertionAudience.UNSPECIFIED
+    grant_type: GrantType = GrantType.CLIENT_CREDENTIALS
 
     @property
     def effective_resource(self) -> str:
@@ -135,7 +210,7 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
         await policy.check(prefix + "issuer", spec.issuer)
     if spec.resource:
         policy.check_syntax(prefix + "resource", spec.resource)
-    if not spec.client_id:
+    if not spec.client_id and spec.grant_type is not GrantType.JWT_BEARER:
         raise InvalidArgument(prefix + "client_id", "is required: the OAuth client id")
     _check_text(prefix + "client_id", spec.client_id, MAX_CLIENT_ID, "client id")
     _check_text(prefix + "audience", spec.audience, MAX_URL, "audience")
@@ -165,7 +240,7 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
             prefix + "signing_alg",
             f"must be one of {', '.join(SIGNING_ALGS)} (or empty: from the key)",
         )
-    if spec.auth_method in (AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST) and (
+    if spec.auth_method not in (AuthMethod.UNSPECIFIED, AuthMethod.PRIVATE_KEY_JWT) and (
         spec.key_id or spec.signing_alg or spec.assertion_audience
     ):
         raise InvalidArgument(
@@ -180,39 +255,72 @@ async def validate_spec(spec: ServerSpec, policy: UrlPolicy, prefix: str = "serv
     return spec
 
 
-def validate_credential(credential: Credential, spec: ServerSpec) -> Credential:
-    value = credential.value.reveal()
-    if credential.kind is CredentialKind.CLIENT_SECRET:
+# The request field each kind of credential arrives in.
+CREDENTIAL_FIELDS = {
+    CredentialKind.CLIENT_SECRET: "client_secret",
+    CredentialKind.PRIVATE_KEY: "private_key_pem",
+    CredentialKind.CLIENT_CERTIFICATE: "client_certificate",
+    CredentialKind.ASSERTION_FILE: "assertion_file",
+}
+
+
+def validate_credential(
+    credential: Credential, spec: ServerSpec, assertions: AssertionDir | None = None
+) -> Credential:
+    """Checks the credential itself and that it fits the auth method and the
+    grant; ``assertions`` is the operator's directory (None: none configured)."""
+    kind, value = credential.kind, credential.value.reveal()
+    name = CREDENTIAL_FIELDS[kind]
+    if kind is CredentialKind.CLIENT_SECRET:
         if not value:
-            raise InvalidArgument("client_secret", "is empty: give the client secret, or omit it")
+            raise InvalidArgument(name, "is empty: give the client secret, or omit it")
         if len(value) > MAX_SECRET:
-            raise InvalidArgument("client_secret", f"is longer than {MAX_SECRET} characters")
-        if spec.auth_method is AuthMethod.PRIVATE_KEY_JWT:
+            raise InvalidArgument(name, f"is longer than {MAX_SECRET} characters")
+    elif kind is CredentialKind.PRIVATE_KEY:
+        if len(value) > MAX_PRIVATE_KEY:
+            raise InvalidArgument(name, f"is longer than {MAX_PRIVATE_KEY} characters")
+        check_private_key(value, spec.signing_alg)
+    elif kind is CredentialKind.CLIENT_CERTIFICATE:
+        client_cert.parse(value)
+    else:
+        (assertions or AssertionDir(None)).check_name(value)
+    if spec.grant_type is GrantType.JWT_BEARER:
+        if kind is not CredentialKind.ASSERTION_FILE:
             raise InvalidArgument(
-                "client_secret",
-                "auth_method is private_key_jwt, which needs private_key_pem instead",
+                name, "the jwt-bearer grant sends the JWT of an assertion_file: give one instead"
+            )
+        if spec.auth_method not in (AuthMethod.UNSPECIFIED, AuthMethod.NONE):
+            raise InvalidArgument(
+                "server.auth_method",
+                "leave it unset (or none) with the jwt-bearer grant: the assertion is the grant",
             )
         return credential
-    if len(value) > MAX_PRIVATE_KEY:
-        raise InvalidArgument("private_key_pem", f"is longer than {MAX_PRIVATE_KEY} characters")
-    if spec.auth_method in (AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST):
+    if spec.auth_method is AuthMethod.NONE:
         raise InvalidArgument(
-            "private_key_pem",
-            f"auth_method is {spec.auth_method.value}, which needs client_secret instead",
+            "server.auth_method", "none is only for grant_type GRANT_TYPE_JWT_BEARER"
         )
-    check_private_key(value, spec.signing_alg)
+    fitting = METHODS_OF_KIND[kind]
+    if spec.auth_method is not AuthMethod.UNSPECIFIED and spec.auth_method not in fitting:
+        needs = [f for k, f in CREDENTIAL_FIELDS.items() if spec.auth_method in METHODS_OF_KIND[k]]
+        raise InvalidArgument(
+            name,
+            f"auth_method is {spec.auth_method.value}, which needs {' or '.join(needs)} instead "
+            f"(a {kind.value.replace('_', ' ')} serves {', '.join(m.value for m in fitting)})",
+        )
     return credential
 
 
 def choose_auth_method(
     spec: ServerSpec, kind: CredentialKind | None, supported: tuple[str, ...] = ()
 ) -> AuthMethod:
-    """The registered method, or the best one the authorization server offers
-    for this credential (private_key_jwt for a key; else basic, else post)."""
+    """The registered method, or the one that fits the credential and that the
+    authorization server offers (the kind's preferred one if it says nothing)."""
     if spec.auth_method is not AuthMethod.UNSPECIFIED:
         return spec.auth_method
-    if kind is CredentialKind.PRIVATE_KEY:
-        return AuthMethod.PRIVATE_KEY_JWT
-    if supported and "client_secret_basic" not in supported and "client_secret_post" in supported:
-        return AuthMethod.CLIENT_SECRET_POST
-    return AuthMethod.CLIENT_SECRET_BASIC
+    if spec.grant_type is GrantType.JWT_BEARER:
+        return AuthMethod.NONE
+    fitting = METHODS_OF_KIND.get(kind or CredentialKind.CLIENT_SECRET, ())
+    for method in fitting:
+        if WIRE_NAMES.get(method, method.value) in supported:
+            return method
+    return fitting[0]

@@ -24,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
+from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.crypto import KeyRing, load_keyring
@@ -119,6 +120,7 @@ class Service:
         # share a hostname and pid (containers) still hear each other.
         origin = f"{self.replica_id}:{secrets.token_hex(4)}"
         self.store = await open_store(settings, keyring_for(settings), self.clock, origin)
+        assertions = AssertionDir(settings.assertion_dir, self.clock)
         if self.egress is None:
             self.egress = Egress(
                 settings.url_policy,
@@ -129,7 +131,10 @@ class Service:
         policy = self.egress.policy
         if self.fetcher is None:
             self.fetcher = TokenFetcher(
-                self.egress, default_lifetime=settings.default_lifetime, clock=self.clock
+                self.egress,
+                default_lifetime=settings.default_lifetime,
+                clock=self.clock,
+                assertions=assertions,
             )
         self.manager = TokenManager(
             self.store,
@@ -199,6 +204,7 @@ class Service:
                 self.fetcher.fetch,
                 self.auth,
                 access,
+                assertions,
                 self.clock,
             ),
             server,

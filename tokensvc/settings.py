@@ -19,6 +19,7 @@ from typing import Any
 from tokensvc.egress import UrlPolicy, parse_networks
 from tokensvc.errors import ConfigurationError
 from tokensvc.policy import RefreshPolicy
+from tokensvc.token import DEFAULT_MIN_VALID_FOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +38,14 @@ class Settings:
     # and CIDRs carved out of those again.
     egress_refuse: str = ""
     egress_allow: str = ""
+    # Platform-issued JWTs (projected service-account tokens, JWT-SVIDs) that
+    # registrations may name as their assertion_file. None: such registrations
+    # are refused.
+    assertion_dir: Path | None = None
     http_timeout: float = 10.0
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
-    min_valid_for: float = 5.0
+    min_valid_for: float = DEFAULT_MIN_VALID_FOR.total_seconds()
     # At most one refresh per server in this many seconds because a broker
     # reported its token rejected; other reports get the current token.
     min_forced_refresh_interval: float = 10.0
@@ -153,6 +158,8 @@ class Settings:
             raise ConfigurationError("tls_cert and tls_key go together: give both, or neither")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigurationError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
+        if self.assertion_dir is not None and not Path(self.assertion_dir).is_dir():
+            raise ConfigurationError(f"assertion_dir: {self.assertion_dir} is not a directory")
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():

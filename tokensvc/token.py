@@ -2,10 +2,46 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+# How long a served token must stay valid when the caller does not say: long
+# enough to reach the broker, then the MCP server, with the clocks of all three
+# a little apart.
+DEFAULT_MIN_VALID_FOR = timedelta(seconds=5)
+
+
+def fresh_enough(
+    issued_at: datetime, expires_at: datetime, wanted: timedelta, now: datetime
+) -> bool:
+    """The one freshness rule, for tokensvc and its broker client alike: still
+    valid ``wanted`` from ``now``, where asking for more than half the lifetime
+    counts as asking for half (or every call on short-lived tokens would be a
+    fetch, as every refresh comes at about half the lifetime)."""
+    return expires_at - now >= min(wanted, (expires_at - issued_at) / 2)
+
+
+def jwt_expiry(text: str) -> datetime | None:
+    """The ``exp`` claim of a compact JWT, unverified: tokensvc is not its
+    audience, only its courier (the receiving server verifies it)."""
+    parts = text.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None
+    try:
+        claims = json.loads(
+            base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)),
+            parse_constant=float,  # NaN and Infinity are no expiry: refused below
+        )
+        exp = claims.get("exp") if isinstance(claims, dict) else None
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            return None
+        return datetime.fromtimestamp(exp, UTC)
+    except (ValueError, OverflowError, OSError, RecursionError):
+        return None
 
 
 class Clock(Protocol):
@@ -71,9 +107,8 @@ class Token:
     def sha256(self) -> str:
         return sha256_hex(self.access_token)
 
-    def valid_for(self, duration: timedelta, now: datetime) -> bool:
-        """True if the token is still valid ``duration`` from ``now``."""
-        return self.expires_at - now >= duration
+    def fresh_enough(self, wanted: timedelta, now: datetime) -> bool:
+        return fresh_enough(self.issued_at, self.expires_at, wanted, now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 // panva's oidc-provider (OpenID-certified) as a client_credentials authorization
-// server for tokensvc's interop tests. Loopback only, in-memory, plain http.
+// server for tokensvc's interop tests. Loopback only, in-memory, http or https.
 //
 //   OIDC_PROVIDER_CONFIG='{"clients": [...], "ttl": 60}' node provider.mjs [port]
 //
@@ -19,13 +19,20 @@
 //     OpenID scopes there) and is what the client may get at any resource
 //     (default "read write"); other requested scopes are dropped from the token.
 //   ttl: lifetime of client_credentials access tokens, seconds (default 60).
+//   tls: {"cert": PEM, "key": PEM, "client_ca": PEM}: serve https (the issuer is
+//     then https://127.0.0.1:PORT) and ask every client for a certificate, for
+//     RFC 8705 client authentication: tls_client_auth clients need one that
+//     client_ca signed, with the registered tls_client_auth_subject_dn (one CN)
+//     or tls_client_auth_san_dns; self_signed_tls_client_auth clients one whose
+//     x5c is in their registered jwks.
 //
 // Access tokens: a client_credentials request with resource=<absolute http(s) URL
 // on a loopback host> gets an RS256 JWT (typ at+jwt) whose aud is that URL, signed
 // by the key published at jwks_uri. Any other resource is invalid_target.
 
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
-import { createServer } from 'node:http';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 
 import Provider, { errors } from 'oidc-provider';
 
@@ -42,11 +49,37 @@ const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(),
 // The scopes each client may get at a resource server.
 const clientScopes = new Map((config.clients ?? []).map((c) => [c.client_id, c.scope ?? 'read write']));
 
-const server = createServer();
+// RFC 8705: the certificate the client presented in this request's TLS handshake.
+const peerCertificate = (ctx) => ctx.req.socket.getPeerX509Certificate?.() ?? undefined;
+const mTLS = {
+  enabled: Boolean(config.tls),
+  tlsClientAuth: true,
+  selfSignedTlsClientAuth: true,
+  certificateBoundAccessTokens: false,
+  getCertificate: peerCertificate,
+  // Chain verified against client_ca by Node (rejectUnauthorized is off so that
+  // self-signed certificates reach the self_signed_tls_client_auth check).
+  certificateAuthorized: (ctx) => ctx.req.socket.authorized === true,
+  certificateSubjectMatches: (ctx, property, expected) => {
+    const cert = peerCertificate(ctx);
+    if (property === 'tls_client_auth_subject_dn') return cert?.subject === expected;
+    if (property === 'tls_client_auth_san_dns') {
+      return (cert?.subjectAltName ?? '').split(', ').includes(`DNS:${expected}`);
+    }
+    return false;
+  },
+};
+
+const tls = config.tls;
+const server = tls
+  ? createHttpsServer({
+    cert: tls.cert, key: tls.key, ca: tls.client_ca, requestCert: true, rejectUnauthorized: false,
+  })
+  : createHttpServer();
 server.listen(port, '127.0.0.1', () => {
   // The issuer has to name the bound port, so the provider is built only now;
   // nobody knows the port before the line below is printed, so no request is lost.
-  const issuer = `http://127.0.0.1:${server.address().port}`;
+  const issuer = `${tls ? 'https' : 'http'}://127.0.0.1:${server.address().port}`;
   const provider = new Provider(issuer, {
     clients,
     jwks: { keys: [signingKey] },
@@ -55,11 +88,15 @@ server.listen(port, '127.0.0.1', () => {
       response_types: [],
       token_endpoint_auth_method: 'client_secret_basic',
     },
-    clientAuthMethods: ['client_secret_basic', 'client_secret_post', 'private_key_jwt'],
+    clientAuthMethods: [
+      'client_secret_basic', 'client_secret_post', 'private_key_jwt',
+      ...(tls ? ['tls_client_auth', 'self_signed_tls_client_auth'] : []),
+    ],
     enabledJWA: { clientAuthSigningAlgValues: ['RS256', 'PS256', 'ES256'] },
     features: {
       devInteractions: { enabled: false }, // no login UI: nothing here needs a user
       clientCredentials: { enabled: true },
+      mTLS,
       resourceIndicators: {
         enabled: true,
         // No resource parameter: no resource server, so an opaque token.

@@ -20,6 +20,7 @@ from tokensvc.api.convert import (
     step_to_proto,
 )
 from tokensvc.api.errors import Context, handles_errors
+from tokensvc.assertions import AssertionDir
 from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key, typed_identity
 from tokensvc.discovery import discover, needs_discovery
 from tokensvc.egress import Egress
@@ -52,8 +53,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         fetch: Fetch,
         auth: Authenticator,
         access: AccessStore,
+        assertions: AssertionDir | None = None,
         clock: Clock = utcnow,
     ) -> None:
+        self._assertions = assertions
         self._auth = auth
         self._access = access
         self._clock = clock
@@ -74,7 +77,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         spec = await validate_spec(spec_from_proto(request.server), self._url_policy)
         credential = credential_from_proto(request)
         if credential is not None:
-            validate_credential(credential, spec)
+            validate_credential(credential, spec, self._assertions)
         if request.expected_revision < -1:
             raise InvalidArgument("expected_revision", "must be -1, 0 or a revision number")
         found = None
@@ -126,7 +129,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 raise InvalidArgument(
                     "registration.client_secret", "is required: the credential to test"
                 )
-            credential = validate_credential(given, spec)
+            credential = validate_credential(given, spec, self._assertions)
             discovery = None
         else:
             raise InvalidArgument("id", "give the id of a stored server, or a registration")

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tokensvc import client_cert
 from tokensvc.errors import FetchError, InvalidArgument
 from tokensvc.events import Event, FetchFailed, ServerRemoved, TokenIssued, TokenRevoked
 from tokensvc.probe import Step
@@ -15,7 +16,9 @@ from tokensvc.registration import (
     AssertionAudience,
     AuthMethod,
     Credential,
+    CredentialInfo,
     CredentialKind,
+    GrantType,
     ServerSpec,
     sorted_params,
 )
@@ -29,12 +32,20 @@ AUTH_METHODS = {
     pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: AuthMethod.CLIENT_SECRET_BASIC,
     pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: AuthMethod.CLIENT_SECRET_POST,
     pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: AuthMethod.PRIVATE_KEY_JWT,
+    pb.CLIENT_AUTH_METHOD_TLS_CLIENT_AUTH: AuthMethod.TLS_CLIENT_AUTH,
+    pb.CLIENT_AUTH_METHOD_SELF_SIGNED_TLS_CLIENT_AUTH: AuthMethod.SELF_SIGNED_TLS_CLIENT_AUTH,
+    pb.CLIENT_AUTH_METHOD_FEDERATED_ASSERTION: AuthMethod.FEDERATED_ASSERTION,
+    pb.CLIENT_AUTH_METHOD_NONE: AuthMethod.NONE,
 }
-AUTH_METHOD_PROTO = {
-    AuthMethod.UNSPECIFIED: pb.CLIENT_AUTH_METHOD_UNSPECIFIED,
-    AuthMethod.CLIENT_SECRET_BASIC: pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC,
-    AuthMethod.CLIENT_SECRET_POST: pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST,
-    AuthMethod.PRIVATE_KEY_JWT: pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT,
+AUTH_METHOD_PROTO = {method: number for number, method in AUTH_METHODS.items()}
+GRANT_TYPES = {
+    pb.GRANT_TYPE_UNSPECIFIED: GrantType.CLIENT_CREDENTIALS,
+    pb.GRANT_TYPE_CLIENT_CREDENTIALS: GrantType.CLIENT_CREDENTIALS,
+    pb.GRANT_TYPE_JWT_BEARER: GrantType.JWT_BEARER,
+}
+GRANT_TYPE_PROTO = {
+    GrantType.CLIENT_CREDENTIALS: pb.GRANT_TYPE_UNSPECIFIED,
+    GrantType.JWT_BEARER: pb.GRANT_TYPE_JWT_BEARER,
 }
 
 
@@ -84,8 +95,13 @@ def spec_from_proto(server: pb.Server) -> ServerSpec:
     if server.auth_method not in AUTH_METHODS:
         raise InvalidArgument(
             "server.auth_method",
-            "unknown method: use CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC, "
-            "CLIENT_AUTH_METHOD_CLIENT_SECRET_POST or CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT",
+            "unknown method: use one of "
+            + ", ".join(pb.ClientAuthMethod.Name(n) for n in AUTH_METHODS if n),
+        )
+    if server.grant_type not in GRANT_TYPES:
+        raise InvalidArgument(
+            "server.grant_type",
+            "unknown grant: use GRANT_TYPE_CLIENT_CREDENTIALS or GRANT_TYPE_JWT_BEARER",
         )
     if server.assertion_audience not in AUDIENCES:
         raise InvalidArgument(
@@ -107,6 +123,7 @@ def spec_from_proto(server: pb.Server) -> ServerSpec:
         key_id=server.key_id,
         signing_alg=server.signing_alg,
         assertion_audience=AUDIENCES[server.assertion_audience],
+        grant_type=GRANT_TYPES[server.grant_type],
     )
 
 
@@ -116,6 +133,12 @@ def credential_from_proto(request: pb.RegisterServerRequest) -> Credential | Non
         return Credential(CredentialKind.CLIENT_SECRET, Secret(request.client_secret))
     if which == "private_key_pem":
         return Credential(CredentialKind.PRIVATE_KEY, Secret(request.private_key_pem))
+    if which == "client_certificate":
+        given = request.client_certificate
+        value = client_cert.bundle(given.certificate_pem, given.private_key_pem)
+        return Credential(CredentialKind.CLIENT_CERTIFICATE, Secret(value))
+    if which == "assertion_file":
+        return Credential(CredentialKind.ASSERTION_FILE, Secret(request.assertion_file))
     return None
 
 
@@ -131,6 +154,17 @@ def _warning(status: ServerStatus) -> str:
             "audience and scopes against what the MCP server expects (TestServer with call_mcp)"
         )
     return ""
+
+
+def credential_info_to_proto(info: CredentialInfo | None) -> pb.CredentialInfo | None:
+    if info is None:
+        return None
+    return pb.CredentialInfo(
+        kind=info.kind.value,
+        expire_time=timestamp(info.expire_time),
+        certificate_subject=info.certificate_subject,
+        assertion_file=info.assertion_file,
+    )
 
 
 def server_to_proto(record: ServerRecord) -> pb.Server:
@@ -150,10 +184,12 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
         key_id=spec.key_id,
         signing_alg=spec.signing_alg,
         assertion_audience=AUDIENCE_PROTO[spec.assertion_audience],
+        grant_type=GRANT_TYPE_PROTO[spec.grant_type],
         effective_auth_method=AUTH_METHOD_PROTO[record.effective_spec.auth_method],
         credential_set=record.credential_kind is not None,
         previous_credential_set=record.previous_credential,
         credential_in_use=record.credential_in_use,
+        credential=credential_info_to_proto(record.credential_info),
         revision=record.revision,
         create_time=timestamp(record.create_time),
         update_time=timestamp(record.update_time),
@@ -177,6 +213,7 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
                 resource_metadata_url=found.resource_metadata_url,
                 metadata_url=found.metadata_url,
                 discover_time=timestamp(found.time),
+                mtls_token_endpoint=found.mtls_token_endpoint,
             )
         )
     if status.last_error is not None:

@@ -29,11 +29,17 @@ import grpc
 import httpx2
 from google.protobuf.duration_pb2 import Duration
 
-from tokensvc.token import Clock, sha256_hex, utcnow
+from tokensvc.token import DEFAULT_MIN_VALID_FOR, Clock, fresh_enough, sha256_hex, utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 __all__ = ["BrokerToken", "TokenAuth", "TokenClient"]
+
+# While the stream is synced, a pushed token is used until this close to its
+# expiry: tokensvc pushes its successor at about half the lifetime, long before,
+# and the margin covers the trip to the MCP server. Without a stream, or when a
+# caller asks for a longer validity, the freshness rule of tokensvc applies.
+SYNCED_MARGIN = timedelta(seconds=1)
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,7 @@ class BrokerToken:
         return f"{self.token_type} {self.access_token}"
 
     def fresh(self, wanted: timedelta, now: datetime) -> bool:
-        # As tokensvc does: asking for more than half a lifetime is asking for
-        # half, or every call on short-lived tokens would be a round trip.
-        lifetime = self.expires_at - self.issued_at
-        return self.expires_at - now >= min(wanted, lifetime / 2)
+        return fresh_enough(self.issued_at, self.expires_at, wanted, now)
 
     @classmethod
     def from_proto(cls, token: pb.Token) -> BrokerToken:
@@ -85,7 +88,7 @@ class TokenClient:
         *,
         channel: grpc.aio.Channel | None = None,
         credentials: grpc.ChannelCredentials | None = None,
-        min_valid_for: timedelta = timedelta(seconds=5),
+        min_valid_for: timedelta = DEFAULT_MIN_VALID_FOR,
         reconnect_initial: float = 0.1,
         reconnect_max: float = 5.0,
         clock: Clock = utcnow,
@@ -122,6 +125,7 @@ class TokenClient:
         self._task: asyncio.Task[None] | None = None
         self.reconnects = 0
         self.rotations = 0
+        self.round_trips = 0  # get_token and report_rejected calls that asked tokensvc
 
     async def __aenter__(self) -> TokenClient:
         self.start()
@@ -163,12 +167,20 @@ class TokenClient:
     async def get_token(
         self, server_id: str, min_valid_for: timedelta | None = None
     ) -> BrokerToken:
-        """A token valid at least ``min_valid_for`` (at most half its lifetime
-        is asked for): from memory when the stream has one, else ``GetToken``."""
+        """A token from memory when the stream has one, else from ``GetToken``.
+        While the stream is synced, the pushed token is used until
+        ``SYNCED_MARGIN`` before its expiry (its successor comes before that);
+        otherwise, or with ``min_valid_for``, it must be valid that long (at
+        most half its lifetime is asked for)."""
         wanted = self._min_valid_for if min_valid_for is None else min_valid_for
         held = self._tokens.get(server_id)
-        if held is not None and held.fresh(wanted, self._clock()):
-            return held
+        if held is not None:
+            now = self._clock()
+            if min_valid_for is None and self.synced:
+                if held.expires_at - now >= SYNCED_MARGIN:
+                    return held
+            elif held.fresh(wanted, now):
+                return held
         request = pb.GetTokenRequest(server_id=server_id)
         if min_valid_for is not None:
             request.min_valid_for.CopyFrom(_duration(wanted))
@@ -189,6 +201,7 @@ class TokenClient:
 
     async def _ask(self, request: pb.GetTokenRequest) -> BrokerToken:
         generation = self._generations.get(request.server_id, 0)
+        self.round_trips += 1
         token = BrokerToken.from_proto(await self._stub.GetToken(request))
         if self._generations.get(request.server_id, 0) != generation:
             return token  # voided meanwhile: the caller may use it once, it is not kept

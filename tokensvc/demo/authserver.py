@@ -31,10 +31,17 @@ from authlib.oauth2.rfc6749 import (
     OAuth2Payload,
     OAuth2Request,
 )
-from authlib.oauth2.rfc6749.errors import InvalidRequestError, InvalidScopeError, OAuth2Error
-from authlib.oauth2.rfc6749.grants import ClientCredentialsGrant
-from joserfc import jwt
-from joserfc.jwk import RSAKey
+from authlib.oauth2.rfc6749.errors import (
+    InvalidGrantError,
+    InvalidRequestError,
+    InvalidScopeError,
+    OAuth2Error,
+)
+from authlib.oauth2.rfc6749.grants import BaseGrant, ClientCredentialsGrant, TokenEndpointMixin
+from joserfc import jws, jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet, RSAKey
+from joserfc.jwt import JWTClaimsRegistry
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -45,6 +52,11 @@ from tokensvc.demo.loopback import LoopbackServer
 
 AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 FORM = "application/x-www-form-urlencoded"
+# Workload identity federation: a JWT the platform issued to the client, as its
+# client assertion (as Entra ID takes it) or as a jwt-bearer grant (SEP-1933).
+FEDERATED = "federated_assertion"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 class _Default:
@@ -78,19 +90,25 @@ class _Client:
     client_id: str
     secret: str
     scopes: tuple[str, ...]
+    # (issuer, subject) of the platform JWT that authenticates a federated client.
+    federated: tuple[str, str] | None = None
 
     def get_client_id(self) -> str:
         return self.client_id
 
     def check_client_secret(self, client_secret: str) -> bool:
         # bytes: compare_digest refuses non-ASCII str, and secrets may be any text
-        return secrets.compare_digest(client_secret.encode(), self.secret.encode())
+        return bool(self.secret) and secrets.compare_digest(
+            client_secret.encode(), self.secret.encode()
+        )
 
     def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
-        return method in AUTH_METHODS
+        return method == FEDERATED if self.federated else method in AUTH_METHODS
 
     def check_grant_type(self, grant_type: str) -> bool:
-        return grant_type == "client_credentials"
+        return grant_type == "client_credentials" or (
+            self.federated is not None and grant_type == JWT_BEARER
+        )
 
     def get_allowed_scope(self, scope: str) -> str:
         return " ".join(s for s in scope.split() if s in self.scopes)
@@ -148,23 +166,47 @@ class _BodyJson(JsonPayload):  # type: ignore[misc]
         return json.loads(self._body or b"{}")
 
 
+def _check_scope_and_resource(request: _FormRequest) -> None:
+    requested = set((request.payload.scope or "").split())
+    if not requested <= set(request.client.scopes):
+        raise InvalidScopeError(f"The client may ask for: {' '.join(request.client.scopes)}")
+    for resource in request.payload.datalist.get("resource", []):
+        parts = urlsplit(resource)
+        if not parts.scheme or parts.fragment:  # RFC 8707 section 2: absolute, no fragment
+            raise OAuth2Error("resource must be an absolute URI", error="invalid_target")
+
+
 class _ClientCredentialsGrant(ClientCredentialsGrant):  # type: ignore[misc]
-    TOKEN_ENDPOINT_AUTH_METHODS = list(AUTH_METHODS)
+    TOKEN_ENDPOINT_AUTH_METHODS = [*AUTH_METHODS, FEDERATED]
 
     def validate_requested_scope(self) -> None:
-        requested = set((self.request.payload.scope or "").split())
-        if not requested <= set(self.request.client.scopes):
-            raise InvalidScopeError(
-                f"The client may ask for: {' '.join(self.request.client.scopes)}"
-            )
-        for resource in self.request.payload.datalist.get("resource", []):
-            parts = urlsplit(resource)
-            if not parts.scheme or parts.fragment:  # RFC 8707 section 2: absolute, no fragment
-                raise OAuth2Error("resource must be an absolute URI", error="invalid_target")
+        _check_scope_and_resource(self.request)
 
     def generate_token(self, scope: str | None = None, **_: Any) -> dict[str, Any]:
         # The server's token generator would not see the request, and aud needs it.
         return self.server.mint(self.request, scope)  # type: ignore[no-any-return]
+
+
+class _JwtBearerGrant(BaseGrant, TokenEndpointMixin):  # type: ignore[misc]
+    """RFC 7523 section 2.1 as SEP-1933 uses it: the platform's JWT is the
+    grant, with no client authentication; it names the workload by iss and sub."""
+
+    GRANT_TYPE = JWT_BEARER
+
+    def validate_token_request(self) -> None:
+        assertion = self.request.form.get("assertion")
+        if not assertion:
+            raise InvalidRequestError("Missing 'assertion' in request")
+        client = self.server.vouched(assertion, self.request.form.get("client_id"))
+        if client is None:
+            raise InvalidGrantError("The assertion is not from a trusted platform for a client")
+        self.request.client = client
+        _check_scope_and_resource(self.request)
+
+    def create_token_response(self) -> tuple[int, dict[str, Any], list[tuple[str, str]]]:
+        token = self.server.mint(self.request, self.request.payload.scope)
+        self.save_token(token)
+        return 200, token, self.TOKEN_RESPONSE_HEADER
 
 
 class _OAuthServer(AuthorizationServer):  # type: ignore[misc]
@@ -174,6 +216,18 @@ class _OAuthServer(AuthorizationServer):  # type: ignore[misc]
         super().__init__()
         self._owner = owner
         self.register_grant(_ClientCredentialsGrant)
+        self.register_grant(_JwtBearerGrant)
+        self.register_client_auth_method(FEDERATED, self._federated_client)
+
+    def _federated_client(self, query_client: Any, request: _FormRequest) -> _Client | None:
+        """Client authentication by a platform JWT as client_assertion."""
+        form = request.form
+        if form.get("client_assertion_type") != ASSERTION_TYPE or not form.get("client_id"):
+            return None
+        return self.vouched(form.get("client_assertion", ""), form["client_id"])
+
+    def vouched(self, assertion: str, client_id: str | None) -> _Client | None:
+        return self._owner._vouched(assertion, client_id)
 
     def query_client(self, client_id: str) -> _Client | None:
         return self._owner._clients.get(client_id)
@@ -220,6 +274,7 @@ class AuthServer(LoopbackServer):
         self.last_form: dict[str, str] = {}
         self.last_headers: dict[str, str] = {}
         self._clients: dict[str, _Client] = {}
+        self._platforms: dict[str, tuple[KeySet, str]] = {}
         self._key = RSAKey.generate_key(2048, {"alg": "RS256", "use": "sig"}, auto_kid=True)
         self._oauth = _OAuthServer(self)
         self._arrivals = asyncio.Condition()
@@ -235,6 +290,46 @@ class AuthServer(LoopbackServer):
         self, client_id: str, secret: str, *, scopes: Sequence[str] = ("read", "write")
     ) -> None:
         self._clients[client_id] = _Client(client_id, secret, tuple(scopes))
+
+    def trust_platform(self, issuer: str, jwks: KeySet, audience: str) -> None:
+        """Accept JWTs from this platform issuer, signed by ``jwks`` and meant
+        for ``audience``, from the federated clients it names."""
+        self._platforms[issuer] = (jwks, audience)
+
+    def add_federated_client(
+        self,
+        client_id: str,
+        issuer: str,
+        subject: str,
+        *,
+        scopes: Sequence[str] = ("read", "write"),
+    ) -> None:
+        """A client with no secret: the platform's JWT for ``subject`` is its credential."""
+        self._clients[client_id] = _Client(client_id, "", tuple(scopes), (issuer, subject))
+
+    def _vouched(self, assertion: str, client_id: str | None) -> _Client | None:
+        """The federated client a valid platform JWT stands for, or None:
+        signature, issuer, audience, expiry and subject all checked."""
+        try:
+            # The issuer picks the keys; until they have verified it, it is only a hint.
+            issuer = json.loads(jws.extract_compact(assertion.encode()).payload)["iss"]
+            jwks, audience = self._platforms[issuer]
+            token = jwt.decode(assertion, jwks)
+            JWTClaimsRegistry(
+                iss={"essential": True, "value": issuer},
+                aud={"essential": True, "value": audience},
+                exp={"essential": True},
+                sub={"essential": True},
+            ).validate(token.claims)
+        except (JoseError, KeyError, TypeError, ValueError):
+            return None
+        for client in self._clients.values():
+            if client.federated == (issuer, token.claims["sub"]) and client_id in (
+                None,
+                client.client_id,
+            ):
+                return client
+        return None
 
     async def wait_for_requests(self, count: int) -> None:
         """Returns once ``count`` requests have reached /token (a gate may still hold them)."""
@@ -342,8 +437,11 @@ class AuthServer(LoopbackServer):
                 "issuer": issuer,
                 "token_endpoint": issuer + "/token",
                 "jwks_uri": issuer + "/jwks",
-                "grant_types_supported": ["client_credentials"],
-                "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
+                "grant_types_supported": ["client_credentials"]
+                + ([JWT_BEARER] if self._platforms else []),
+                # A federated assertion is a client assertion: private_key_jwt on the wire.
+                "token_endpoint_auth_methods_supported": list(AUTH_METHODS)
+                + (["private_key_jwt"] if self._platforms else []),
                 "response_types_supported": [],
                 "scopes_supported": sorted({s for c in self._clients.values() for s in c.scopes}),
             }

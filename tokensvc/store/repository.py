@@ -37,7 +37,9 @@ from tokensvc.registration import (
     AssertionAudience,
     AuthMethod,
     Credential,
+    CredentialInfo,
     CredentialKind,
+    GrantType,
     ServerSpec,
     sorted_params,
 )
@@ -77,6 +79,7 @@ class ServerRecord:
     discovery: Discovery | None = None
     previous_credential: bool = False
     credential_in_use: str = ""
+    credential_info: CredentialInfo | None = None
 
     @property
     def effective_spec(self) -> ServerSpec:
@@ -118,6 +121,7 @@ def _spec_of(row: Row[Any]) -> ServerSpec:
         key_id=row.key_id,
         signing_alg=row.signing_alg,
         assertion_audience=AssertionAudience(row.assertion_audience),
+        grant_type=GrantType(row.grant_type),
     )
 
 
@@ -136,6 +140,7 @@ def _spec_columns(spec: ServerSpec) -> dict[str, Any]:
         "key_id": spec.key_id,
         "signing_alg": spec.signing_alg,
         "assertion_audience": spec.assertion_audience.value,
+        "grant_type": spec.grant_type.value,
     }
 
 
@@ -317,6 +322,11 @@ class Store:
             incarnation=row.incarnation,
             revision=row.revision,
             credential_kind=CredentialKind(row.credential_kind) if row.credential_kind else None,
+            credential_info=CredentialInfo.from_json(
+                CredentialKind(row.credential_kind), row.credential_info
+            )
+            if row.credential_kind
+            else None,
             create_time=row.create_time,
             update_time=row.update_time,
             discovery=Discovery.from_json(row.discovery),
@@ -475,6 +485,7 @@ class Store:
                         revision=1,
                         credential_kind=credential.kind.value,
                         credential_ct=self._seal_credential(spec.id, credential),
+                        credential_info=CredentialInfo.of(credential).to_json(),
                         token_version=0,
                         discovery=found,
                         create_time=now,
@@ -510,6 +521,7 @@ class Store:
                     if credential is not None and "credential" in fields:
                         values["credential_kind"] = credential.kind.value
                         values["credential_ct"] = self._seal_credential(spec.id, credential)
+                        values["credential_info"] = CredentialInfo.of(credential).to_json()
                         values["credential_in_use"] = ""
                         if previous == "keep" and row.credential_ct is not None:
                             old = self._open_credential(

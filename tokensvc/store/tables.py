@@ -68,11 +68,14 @@ servers = Table(
     Column("assertion_audience", String(32), nullable=False, server_default=""),
     Column("discovery", Text),  # JSON: what discovery found (tokensvc.discovery.Discovery)
     # The credential replaced with keep_previous_credential, until the new one works.
-    Column("previous_credential_kind", String(16)),
+    Column("previous_credential_kind", String(32)),
     Column("previous_credential_ct", LargeBinary),  # AES-GCM envelope
     Column("credential_in_use", String(16), nullable=False, server_default=""),
-    Column("credential_kind", String(16)),
+    Column("credential_kind", String(32)),
     Column("credential_ct", LargeBinary),  # AES-GCM envelope
+    # JSON: what may be shown of the credential (registration.CredentialInfo).
+    Column("credential_info", Text),
+    Column("grant_type", String(64), nullable=False, server_default=""),
     Column("token_version", BigInteger, nullable=False),
     Column("create_time", UTCDateTime, nullable=False),
     Column("update_time", UTCDateTime, nullable=False),

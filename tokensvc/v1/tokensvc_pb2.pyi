@@ -18,6 +18,16 @@ class ClientAuthMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: _ClassVar[ClientAuthMethod]
     CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: _ClassVar[ClientAuthMethod]
     CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: _ClassVar[ClientAuthMethod]
+    CLIENT_AUTH_METHOD_TLS_CLIENT_AUTH: _ClassVar[ClientAuthMethod]
+    CLIENT_AUTH_METHOD_SELF_SIGNED_TLS_CLIENT_AUTH: _ClassVar[ClientAuthMethod]
+    CLIENT_AUTH_METHOD_FEDERATED_ASSERTION: _ClassVar[ClientAuthMethod]
+    CLIENT_AUTH_METHOD_NONE: _ClassVar[ClientAuthMethod]
+
+class GrantType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GRANT_TYPE_UNSPECIFIED: _ClassVar[GrantType]
+    GRANT_TYPE_CLIENT_CREDENTIALS: _ClassVar[GrantType]
+    GRANT_TYPE_JWT_BEARER: _ClassVar[GrantType]
 
 class AssertionAudience(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +38,13 @@ CLIENT_AUTH_METHOD_UNSPECIFIED: ClientAuthMethod
 CLIENT_AUTH_METHOD_CLIENT_SECRET_BASIC: ClientAuthMethod
 CLIENT_AUTH_METHOD_CLIENT_SECRET_POST: ClientAuthMethod
 CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT: ClientAuthMethod
+CLIENT_AUTH_METHOD_TLS_CLIENT_AUTH: ClientAuthMethod
+CLIENT_AUTH_METHOD_SELF_SIGNED_TLS_CLIENT_AUTH: ClientAuthMethod
+CLIENT_AUTH_METHOD_FEDERATED_ASSERTION: ClientAuthMethod
+CLIENT_AUTH_METHOD_NONE: ClientAuthMethod
+GRANT_TYPE_UNSPECIFIED: GrantType
+GRANT_TYPE_CLIENT_CREDENTIALS: GrantType
+GRANT_TYPE_JWT_BEARER: GrantType
 ASSERTION_AUDIENCE_UNSPECIFIED: AssertionAudience
 ASSERTION_AUDIENCE_ISSUER: AssertionAudience
 ASSERTION_AUDIENCE_TOKEN_ENDPOINT: AssertionAudience
@@ -215,36 +232,50 @@ class Synced(_message.Message):
     def __init__(self) -> None: ...
 
 class Discovery(_message.Message):
-    __slots__ = ("issuer", "token_endpoint", "token_endpoint_auth_methods_supported", "resource_metadata_url", "metadata_url", "discover_time")
+    __slots__ = ("issuer", "token_endpoint", "token_endpoint_auth_methods_supported", "resource_metadata_url", "metadata_url", "discover_time", "mtls_token_endpoint")
     ISSUER_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ENDPOINT_AUTH_METHODS_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     RESOURCE_METADATA_URL_FIELD_NUMBER: _ClassVar[int]
     METADATA_URL_FIELD_NUMBER: _ClassVar[int]
     DISCOVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    MTLS_TOKEN_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     issuer: str
     token_endpoint: str
     token_endpoint_auth_methods_supported: _containers.RepeatedScalarFieldContainer[str]
     resource_metadata_url: str
     metadata_url: str
     discover_time: _timestamp_pb2.Timestamp
-    def __init__(self, issuer: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., token_endpoint_auth_methods_supported: _Optional[_Iterable[str]] = ..., resource_metadata_url: _Optional[str] = ..., metadata_url: _Optional[str] = ..., discover_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    mtls_token_endpoint: str
+    def __init__(self, issuer: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., token_endpoint_auth_methods_supported: _Optional[_Iterable[str]] = ..., resource_metadata_url: _Optional[str] = ..., metadata_url: _Optional[str] = ..., discover_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., mtls_token_endpoint: _Optional[str] = ...) -> None: ...
 
 class RegisterServerRequest(_message.Message):
-    __slots__ = ("server", "client_secret", "private_key_pem", "expected_revision", "keep_previous_credential", "drop_previous_credential")
+    __slots__ = ("server", "client_secret", "private_key_pem", "client_certificate", "assertion_file", "expected_revision", "keep_previous_credential", "drop_previous_credential")
     SERVER_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    ASSERTION_FILE_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_REVISION_FIELD_NUMBER: _ClassVar[int]
     KEEP_PREVIOUS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     DROP_PREVIOUS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     server: Server
     client_secret: str
     private_key_pem: str
+    client_certificate: ClientCertificate
+    assertion_file: str
     expected_revision: int
     keep_previous_credential: bool
     drop_previous_credential: bool
-    def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., client_secret: _Optional[str] = ..., private_key_pem: _Optional[str] = ..., expected_revision: _Optional[int] = ..., keep_previous_credential: _Optional[bool] = ..., drop_previous_credential: _Optional[bool] = ...) -> None: ...
+    def __init__(self, server: _Optional[_Union[Server, _Mapping]] = ..., client_secret: _Optional[str] = ..., private_key_pem: _Optional[str] = ..., client_certificate: _Optional[_Union[ClientCertificate, _Mapping]] = ..., assertion_file: _Optional[str] = ..., expected_revision: _Optional[int] = ..., keep_previous_credential: _Optional[bool] = ..., drop_previous_credential: _Optional[bool] = ...) -> None: ...
+
+class ClientCertificate(_message.Message):
+    __slots__ = ("certificate_pem", "private_key_pem")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: str
+    private_key_pem: str
+    def __init__(self, certificate_pem: _Optional[str] = ..., private_key_pem: _Optional[str] = ...) -> None: ...
 
 class TestServerRequest(_message.Message):
     __slots__ = ("id", "registration", "call_mcp")
@@ -285,7 +316,7 @@ class TestStep(_message.Message):
     def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., http_status: _Optional[int] = ..., tool_count: _Optional[int] = ...) -> None: ...
 
 class Server(_message.Message):
-    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "key_id", "signing_alg", "assertion_audience", "credential_set", "revision", "create_time", "update_time", "status", "discovery", "effective_auth_method", "previous_credential_set", "credential_in_use")
+    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "key_id", "signing_alg", "assertion_audience", "grant_type", "credential_set", "revision", "create_time", "update_time", "status", "discovery", "effective_auth_method", "previous_credential_set", "credential_in_use", "credential")
     class ExtraTokenParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +338,7 @@ class Server(_message.Message):
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNING_ALG_FIELD_NUMBER: _ClassVar[int]
     ASSERTION_AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    GRANT_TYPE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_SET_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +348,7 @@ class Server(_message.Message):
     EFFECTIVE_AUTH_METHOD_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_CREDENTIAL_SET_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_IN_USE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     id: str
     mcp_url: str
     token_endpoint: str
@@ -330,6 +363,7 @@ class Server(_message.Message):
     key_id: str
     signing_alg: str
     assertion_audience: AssertionAudience
+    grant_type: GrantType
     credential_set: bool
     revision: int
     create_time: _timestamp_pb2.Timestamp
@@ -339,7 +373,20 @@ class Server(_message.Message):
     effective_auth_method: ClientAuthMethod
     previous_credential_set: bool
     credential_in_use: str
-    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., key_id: _Optional[str] = ..., signing_alg: _Optional[str] = ..., assertion_audience: _Optional[_Union[AssertionAudience, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., effective_auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., previous_credential_set: _Optional[bool] = ..., credential_in_use: _Optional[str] = ...) -> None: ...
+    credential: CredentialInfo
+    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., key_id: _Optional[str] = ..., signing_alg: _Optional[str] = ..., assertion_audience: _Optional[_Union[AssertionAudience, str]] = ..., grant_type: _Optional[_Union[GrantType, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., effective_auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., previous_credential_set: _Optional[bool] = ..., credential_in_use: _Optional[str] = ..., credential: _Optional[_Union[CredentialInfo, _Mapping]] = ...) -> None: ...
+
+class CredentialInfo(_message.Message):
+    __slots__ = ("kind", "expire_time", "certificate_subject", "assertion_file")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ASSERTION_FILE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    expire_time: _timestamp_pb2.Timestamp
+    certificate_subject: str
+    assertion_file: str
+    def __init__(self, kind: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_subject: _Optional[str] = ..., assertion_file: _Optional[str] = ...) -> None: ...
 
 class TokenStatus(_message.Message):
     __slots__ = ("expires_at", "last_fetch_time", "next_refresh_time", "last_error", "token_version", "rejected_versions", "forced_refresh_time", "warning")

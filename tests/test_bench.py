@@ -1,0 +1,33 @@
+"""``tokensvc bench`` runs and reports each figure against its baseline. The
+figures themselves are not asserted: timing belongs to the benchmark, not to
+the tests."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from tokensvc.bench.measures import Figure, Scale, broker_client, table
+
+
+def test_a_figure_is_met_by_its_ratio_in_the_direction_of_its_goal() -> None:
+    faster = Figure("calls", 950, 1000, "no-op", 0.9, at_least=True)
+    assert faster.ratio == 0.95 and faster.met
+    assert not replace(faster, value=850).met
+    slower = Figure("p99", 1.4, 1.0, "no-op", 1.5)
+    assert slower.met and not replace(slower, value=1.6).met
+    assert Figure("trips", 0, 120, "all calls", 0.0).met
+    assert not Figure("trips", 1, 120, "all calls", 0.0).met
+
+
+def test_the_table_shows_value_baseline_ratio_and_verdict() -> None:
+    text = table([Figure("GetToken", 950, 1000, "no-op server", 0.9, True, "calls/s")])
+    header, row = text.splitlines()
+    assert header.split() == ["measure", "tokensvc", "baseline", "ratio", "goal"]
+    assert "950.00 calls/s" in row and "1,000.00 (no-op server)" in row
+    assert "0.95" in row and "≥ 0.9" in row and row.endswith("met")
+
+
+async def test_the_broker_client_measure_runs_against_a_real_service() -> None:
+    (figure,) = await broker_client(replace(Scale.quick(), brokers=2, broker_seconds=1.0))
+    assert figure.baseline >= 2  # calls were made, each through a real TokenClient
+    assert 0 <= figure.value <= figure.baseline

@@ -1,0 +1,105 @@
+"""The client side of the benchmarks. Each function runs in a process of its
+own (``in_process``), so that the load and the server under test do not share
+an event loop or a GIL: on a two-core machine, one core each."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+
+def in_process(function: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``function(*args)`` in a fresh process (spawn: gRPC does not survive
+    fork) and returns its result. Blocking: call it through ``run_in_executor``."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+async def in_process_async(function: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, in_process, function, *args)
+
+
+def unary(
+    target: str, method: str, requests: list[bytes], seconds: float, concurrency: int
+) -> tuple[int, list[float]]:
+    """``concurrency`` callers calling ``method`` back to back for ``seconds``,
+    cycling through ``requests`` (raw bytes). Returns (calls, latencies in s)."""
+    return asyncio.run(_unary(target, method, requests, seconds, concurrency))
+
+
+async def _unary(
+    target: str, method: str, requests: list[bytes], seconds: float, concurrency: int
+) -> tuple[int, list[float]]:
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)  # bytes in, bytes out: the same cost for both servers
+        await call(requests[0])  # connected before the clock starts
+        deadline = time.perf_counter() + seconds
+        taken = iter(range(1, 1 << 62))
+
+        async def caller() -> None:
+            while time.perf_counter() < deadline:
+                request = requests[next(taken) % len(requests)]
+                started = time.perf_counter()
+                await call(request)
+                latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return len(latencies), latencies
+
+
+def watch(target: str, streams: int, versions: int, metadata: tuple[tuple[str, str], ...]) -> Any:
+    """Opens ``streams`` WatchTokens streams and reads each until ``versions``
+    newer tokens have come after its ``synced``; returns every such token's
+    delay from its ``issued_at`` to its arrival on the stream, in seconds."""
+    return asyncio.run(_watch(target, streams, versions, metadata))
+
+
+async def _watch(
+    target: str, streams: int, versions: int, metadata: tuple[tuple[str, str], ...]
+) -> list[float]:
+    delays: list[float] = []
+    channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, streams // 100))]
+    synced = 0
+    all_synced = asyncio.Event()
+    first: dict[int, int] = {}  # stream -> the version it had when synced
+
+    async def stream(index: int) -> None:
+        nonlocal synced
+        channel = channels[index % len(channels)]
+        call = channel.unary_stream("/tokensvc.v1.TokenService/WatchTokens")(
+            pb.WatchTokensRequest().SerializeToString(), metadata=metadata or None
+        )
+        seen = 0
+        async for raw in call:
+            arrived = time.time_ns()
+            event = pb.TokenEvent.FromString(raw)
+            which = event.WhichOneof("event")
+            if which == "synced":
+                synced += 1
+                first[index] = seen
+                if synced == streams:
+                    all_synced.set()
+            elif which == "token":
+                seen = event.token.version
+                if all_synced.is_set() and seen > first[index]:
+                    delays.append((arrived - event.token.issued_at.ToNanoseconds()) / 1e9)
+                    if seen >= first[index] + versions:
+                        call.cancel()
+                        return
+
+    tasks = [asyncio.create_task(stream(i)) for i in range(streams)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 600)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return delays
