@@ -228,8 +228,8 @@ class Service:
             await self.manager.apply(change)
             return
         await self.auth.load()
-        for owner in self.manager.bus.owners() - self.auth.caller_ids:
-            self.manager.bus.close_owner(owner)  # revoked elsewhere: its streams end here too
+        for owner in self.manager.watch_owners() - self.auth.caller_ids:
+            self.manager.end_watches(owner)  # revoked elsewhere: its streams end here too
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None
@@ -280,7 +280,7 @@ class Service:
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
         if self.manager is not None:
-            self.manager.bus.close()  # watch streams end with OK; clients reconnect
+            self.manager.close_watches()  # watch streams end with OK; clients reconnect
         if self._server is not None:
             await self._server.stop(self.settings.grace_period if grace is None else grace)
             self._server = None

@@ -216,7 +216,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidArgument("id", f"no caller with id {request.id[:40]!r}: see ListCallers")
         await self._auth.load()
         await self._store.announce("callers")
-        self._manager.bus.close_owner(revoked.id)
+        self._manager.end_watches(revoked.id)
         await self._store.audit(
             caller.actor, "caller_revoke", None, caller_id=revoked.id, name=revoked.name
         )
