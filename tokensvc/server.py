@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.service.secret.v3 import sds_pb2, sds_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from tokensvc import __version__
 from tokensvc.api import AdminServicer, TokenServicer
+from tokensvc.api.sds import SecretDiscoveryServicer
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.crypto import KeyRing, load_keyring
@@ -32,6 +34,7 @@ from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.registration import UrlPolicy
+from tokensvc.sds import Consumers
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
@@ -47,6 +50,7 @@ STORE_CHECK_INTERVAL = 2.0
 SERVICE_NAMES = (
     tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
     tokensvc_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name,
 )
 
 
@@ -100,6 +104,8 @@ class Service:
     _sqlite_lock: int | None = field(default=None, init=False)
     auth: Authenticator | None = field(default=None, init=False)
     audit: AuditLog | None = field(default=None, init=False)
+    # Which Envoy node holds which secret version (Envoy SDS).
+    consumers: Consumers = field(default_factory=Consumers, init=False)
 
     async def start(self) -> int:
         try:
@@ -185,6 +191,13 @@ class Service:
                 self.auth,
                 access,
                 self.clock,
+            ),
+            server,
+        )
+        self.consumers = Consumers(self.clock)
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(
+            SecretDiscoveryServicer(
+                self.manager, self.auth, self.audit, self.consumers, self.clock
             ),
             server,
         )

@@ -15,7 +15,7 @@ Every item carries a sequence number, 1, 2, 3, ... on that watch. WatchTokens
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass
 
 from tokensvc.events import Event, EventBus, TokenIssued
@@ -57,7 +57,7 @@ class Watch:
     def _visible(self, server_id: str) -> bool:
         return self._allow is None or self._allow(server_id)
 
-    async def __aiter__(self) -> AsyncIterator[Update]:
+    async def __aiter__(self) -> AsyncGenerator[Update, None]:
         subscription = self._bus.subscribe(self._server_ids, self._allow, self._owner)
         sent: dict[str, int] = {}  # the newest token version given, per server
         sequence = 0

