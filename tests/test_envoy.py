@@ -48,9 +48,10 @@ async def initialize_status(url: str) -> tuple[int, str]:
 async def until_version(envoy: Envoy, name: str, done: Any) -> str:
     """Polls Envoy's admin (Envoy pushes nothing to us) until ``done(version)``."""
     async with asyncio.timeout(30):
-        while not done(version := await secret_version(envoy, name)):
-            await asyncio.sleep(0.02)  # pacing of the polls of Envoy's admin
-    return version
+        while True:
+            if done(version := await secret_version(envoy, name)):
+                return version
+            await asyncio.sleep(0.02)  # Envoy is another process: polled, paced
 
 
 def number(version: str) -> int:
