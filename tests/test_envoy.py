@@ -141,7 +141,7 @@ async def rotations_reach_envoy_with_no_401(
             try:
                 result = await session.call_tool("whoami", {})
                 failures += bool(result.is_error)
-                tokens_used.add(str(result.structured_content["jti"]))  # type: ignore[index]
+                tokens_used.add(str((result.structured_content or {})["jti"]))
             except Exception as exc:
                 failures += 1
                 print(f"call {calls} failed: {exc!r}")

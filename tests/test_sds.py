@@ -1,0 +1,231 @@
+"""SecretDiscoveryService over real gRPC, with a stub playing Envoy: who may
+ask, delta subscriptions, FetchSecrets, and the audit of what each node got.
+(tests/test_envoy.py runs a real Envoy.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2 as xds
+from envoy.service.secret.v3 import sds_pb2_grpc
+
+from tokensvc.sds import TYPE_URL
+from tokensvc.v1 import tokensvc_pb2 as pb
+
+from support import Harness
+
+NODE = base_pb2.Node(id="gateway-1", cluster="gateway")
+Metadata = tuple[tuple[str, str], ...]
+
+
+def bearer(key: str) -> Metadata:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def header_values(response: Any) -> dict[str, str]:
+    resources = [getattr(r, "resource", r) for r in response.resources]
+    out = {}
+    for packed in resources:
+        secret = secret_pb2.Secret()
+        assert packed.Unpack(secret)
+        out[secret.name] = secret.generic_secret.secret.inline_string
+    return out
+
+
+class Stream:
+    """A bidirectional SDS stream: requests written, responses read into a queue."""
+
+    def __init__(self, method: Any, metadata: Metadata) -> None:
+        self.requests: asyncio.Queue[Any] = asyncio.Queue()
+        self.call = method(self._send(), metadata=metadata)
+        self.responses: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._read())
+
+    async def _send(self) -> AsyncIterator[Any]:
+        while (request := await self.requests.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        async for response in self.call:
+            self.responses.put_nowait(response)
+
+    async def next(self) -> Any:
+        async with asyncio.timeout(30):
+            return await self.responses.get()
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def eventually(done: Callable[[], bool]) -> None:
+    """Until the service's own tasks have done it (ACKs and ends are read there)."""
+    async with asyncio.timeout(10):
+        while True:
+            if done():
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def keys(harness: Harness) -> dict[str, Metadata]:
+    """An admin key and a broker key for team-a-* (open mode ends with the first)."""
+    admin = await harness.admin.CreateCaller(pb.CreateCallerRequest(name="admin", roles=["admin"]))
+    team_a = await harness.admin.CreateCaller(
+        pb.CreateCallerRequest(name="envoy-a", roles=["broker"], server_patterns=["team-a-*"]),
+        metadata=bearer(admin.key),
+    )
+    return {"admin": bearer(admin.key), "team-a": bearer(team_a.key)}
+
+
+async def register(harness: Harness, keys: dict[str, Metadata], *server_ids: str) -> None:
+    """Registers the servers and has their first tokens fetched (GetToken)."""
+    for server_id in server_ids:
+        request = pb.RegisterServerRequest(
+            server=pb.Server(
+                id=server_id,
+                mcp_url=f"http://127.0.0.1:9/{server_id}/mcp",
+                token_endpoint=harness.auth.token_endpoint,
+                client_id="broker-client",
+            ),
+            client_secret="cs-Sup3r:Secret+%é€-7f1a",
+        )
+        await harness.admin.RegisterServer(request, metadata=keys["admin"])
+        if server_id.startswith("team-a-"):
+            got = pb.GetTokenRequest(server_id=server_id)
+            await harness.tokens.GetToken(got, metadata=keys["team-a"])
+
+
+async def test_a_scoped_key_gets_its_servers_only_and_no_key_gets_nothing(
+    harness: Harness, keys: dict[str, Metadata]
+) -> None:
+    await register(harness, keys, "team-a-x", "team-b-x")
+    sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
+    stream = Stream(sds.StreamSecrets, keys["team-a"])
+    names = ["team-a-x", "team-b-x"]
+    await stream.requests.put(
+        xds.DiscoveryRequest(node=NODE, resource_names=names, type_url=TYPE_URL)
+    )
+    first = await stream.next()
+    values = header_values(first)
+    assert values["team-a-x"].startswith("Bearer ey") and values["team-b-x"] == ""
+    assert first.nonce and first.version_info.endswith(",empty")
+    await stream.requests.put(
+        xds.DiscoveryRequest(
+            version_info=first.version_info,
+            resource_names=names,
+            response_nonce=first.nonce,
+            type_url=TYPE_URL,
+        )
+    )
+    # The ACK is recorded for admins, per server and node.
+    consumers = harness.service.consumers
+    await eventually(lambda: bool(consumers.of("team-a-x")))
+    [held] = consumers.of("team-a-x")
+    assert (held.node.id, held.node.cluster) == ("gateway-1", "gateway")
+    assert held.acked_version == first.version_info.split(",")[0]
+    await stream.close()
+    await eventually(lambda: consumers.of("team-a-x") == [])  # gone with its stream
+
+    for metadata in ((), (("authorization", "Bearer tsk_nope_nope"),)):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            fetched = sds.FetchSecrets(
+                xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]),
+                metadata=metadata or None,
+            )
+            await fetched
+        assert failed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        denied = Stream(sds.StreamSecrets, metadata)
+        await denied.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]))
+        await asyncio.gather(denied.task, return_exceptions=True)
+        assert (await denied.call.code()) == grpc.StatusCode.UNAUTHENTICATED
+        assert denied.responses.empty()
+
+    # The audit trail names the node that got each token version.
+    await harness.service.audit.flush()  # type: ignore[union-attr]
+    events = await harness.admin.ListAuditEvents(
+        pb.ListAuditEventsRequest(server_id="team-a-x"), metadata=keys["admin"]
+    )
+    issued = [json.loads(e.detail_json) for e in events.events if e.action == "issue"]
+    assert {"via": "sds", "node": "gateway-1", "version": 1}.items() <= issued[0].items()
+    none_b = await harness.admin.ListAuditEvents(
+        pb.ListAuditEventsRequest(server_id="team-b-x"), metadata=keys["admin"]
+    )
+    assert not [e for e in none_b.events if e.action == "issue"]
+
+
+async def test_fetch_secrets_answers_once_with_the_current_secret(
+    harness: Harness, keys: dict[str, Metadata]
+) -> None:
+    await register(harness, keys, "team-a-x")
+    sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
+    response = await sds.FetchSecrets(
+        xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x", "team-a-unknown"]),
+        metadata=keys["team-a"],
+    )
+    values = header_values(response)
+    assert values["team-a-x"].startswith("Bearer ") and values["team-a-unknown"] == ""
+    assert response.version_info == "empty,r1v1"  # the names in order
+    assert response.type_url == TYPE_URL
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await sds.FetchSecrets(
+            xds.DiscoveryRequest(resource_names=["team-a-x"], type_url="type.googleapis.com/x"),
+            metadata=keys["team-a"],
+        )
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "type_url" in (failed.value.details() or "")
+
+
+async def test_delta_subscribe_unsubscribe_removal_and_reconnect(
+    harness: Harness, keys: dict[str, Metadata]
+) -> None:
+    await register(harness, keys, "team-a-x", "team-a-y")
+    sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
+    delta = Stream(sds.DeltaSecrets, keys["team-a"])
+    await delta.requests.put(
+        xds.DeltaDiscoveryRequest(node=NODE, resource_names_subscribe=["team-a-x"])
+    )
+    first = await delta.next()
+    assert [(r.name, r.version) for r in first.resources] == [("team-a-x", "r1v1")]
+    await delta.requests.put(
+        xds.DeltaDiscoveryRequest(response_nonce=first.nonce, resource_names_subscribe=["team-a-y"])
+    )
+    second = await delta.next()
+    assert [r.name for r in second.resources] == ["team-a-y"]  # only what is new
+    await delta.requests.put(
+        xds.DeltaDiscoveryRequest(
+            response_nonce=second.nonce, resource_names_unsubscribe=["team-a-y"]
+        )
+    )
+    await harness.admin.DeleteServer(pb.DeleteServerRequest(id="team-a-y"), metadata=keys["admin"])
+    await harness.admin.DeleteServer(pb.DeleteServerRequest(id="team-a-x"), metadata=keys["admin"])
+    removal = await delta.next()
+    # team-a-y was unsubscribed: only team-a-x is removed.
+    assert list(removal.removed_resources) == ["team-a-x"] and not removal.resources
+    await delta.close()
+
+    await register(harness, keys, "team-a-x", "team-a-y")
+    again = Stream(sds.DeltaSecrets, keys["team-a"])
+    current = header_values(
+        await sds.FetchSecrets(
+            xds.DiscoveryRequest(resource_names=["team-a-x"]), metadata=keys["team-a"]
+        )
+    )
+    assert current["team-a-x"]
+    await again.requests.put(
+        xds.DeltaDiscoveryRequest(
+            node=NODE,
+            resource_names_subscribe=["team-a-x", "team-a-y"],
+            initial_resource_versions={"team-a-x": "r1v1"},  # already held
+        )
+    )
+    resumed = await again.next()
+    assert [r.name for r in resumed.resources] == ["team-a-y"]
+    await again.close()
