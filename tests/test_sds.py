@@ -131,6 +131,18 @@ async def test_a_scoped_key_gets_its_servers_only_and_no_key_gets_nothing(
     [held] = consumers.of("team-a-x")
     assert (held.node.id, held.node.cluster) == ("gateway-1", "gateway")
     assert held.acked_version == first.version_info.split(",")[0]
+    shown = await harness.admin.GetServer(
+        pb.GetServerRequest(id="team-a-x"), metadata=keys["admin"]
+    )
+    [consumer] = shown.sds_consumers
+    assert (consumer.node_id, consumer.cluster) == ("gateway-1", "gateway")
+    assert consumer.acked_version == held.acked_version and consumer.HasField("acked_time")
+    listed = await harness.admin.ListServers(pb.ListServersRequest(), metadata=keys["admin"])
+    # team-b-x: the node asked, and holds the empty secret it was given.
+    assert [[c.acked_version for c in s.sds_consumers] for s in listed.servers] == [
+        [held.acked_version],
+        ["empty"],
+    ]
     await stream.close()
     await eventually(lambda: consumers.of("team-a-x") == [])  # gone with its stream
 

@@ -178,6 +178,7 @@ class Service:
                 self.manager.resync,
             )
             self._listener.start()
+        self.consumers = Consumers(self.clock)
         tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(self.manager, self.auth, self.audit), server
         )
@@ -191,10 +192,10 @@ class Service:
                 self.auth,
                 access,
                 self.clock,
+                self.consumers,
             ),
             server,
         )
-        self.consumers = Consumers(self.clock)
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(
             SecretDiscoveryServicer(
                 self.manager, self.auth, self.audit, self.consumers, self.clock

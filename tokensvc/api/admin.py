@@ -30,6 +30,7 @@ from tokensvc.registration import (
     validate_server_id,
     validate_spec,
 )
+from tokensvc.sds import Consumers
 from tokensvc.store import Store
 from tokensvc.store.access import AccessStore, CallerRecord
 from tokensvc.token import Clock, utcnow
@@ -53,7 +54,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         auth: Authenticator,
         access: AccessStore,
         clock: Clock = utcnow,
+        consumers: Consumers | None = None,
     ) -> None:
+        self._consumers = consumers or Consumers(clock)
         self._auth = auth
         self._access = access
         self._clock = clock
@@ -148,7 +151,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:
         await self._auth.require(context, Role.ADMIN)
         validate_server_id(request.id)
-        return server_to_proto(await self._store.get_server(request.id))
+        record = await self._store.get_server(request.id)
+        return server_to_proto(record, self._consumers.of(request.id))
 
     @handles_errors
     async def ListServers(
@@ -166,7 +170,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         records = records[:size]
         next_token = _encode_page_token(records[-1].spec.id) if more else ""
         return pb.ListServersResponse(
-            servers=[server_to_proto(r) for r in records], next_page_token=next_token
+            servers=[server_to_proto(r, self._consumers.of(r.spec.id)) for r in records],
+            next_page_token=next_token,
         )
 
     @handles_errors
