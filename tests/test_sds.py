@@ -241,3 +241,36 @@ async def test_delta_subscribe_unsubscribe_removal_and_reconnect(
     resumed = await again.next()
     assert [r.name for r in resumed.resources] == ["team-a-y"]
     await again.close()
+
+
+async def test_revoking_the_caller_empties_its_node_s_secrets_then_ends_the_stream(
+    harness: Harness, keys: dict[str, Metadata]
+) -> None:
+    await register(harness, keys, "team-a-x")
+    sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
+    stream = Stream(sds.StreamSecrets, keys["team-a"])
+    await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]))
+    first = await stream.next()
+    assert header_values(first)["team-a-x"].startswith("Bearer ")
+    callers = await harness.admin.ListCallers(pb.ListCallersRequest(), metadata=keys["admin"])
+    [envoy_a] = [c for c in callers.callers if c.name == "envoy-a"]
+    await harness.admin.RevokeCaller(pb.RevokeCallerRequest(id=envoy_a.id), metadata=keys["admin"])
+    # Not the shutdown case (the node keeps what it has): the node must stop
+    # using the token, so it gets an empty secret before the stream fails.
+    emptied = await stream.next()
+    assert header_values(emptied) == {"team-a-x": ""} and emptied.version_info == "empty"
+    await asyncio.gather(stream.task, return_exceptions=True)
+    assert (await stream.call.code()) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_on_shutdown_the_stream_ends_without_emptying_anything(
+    harness: Harness, keys: dict[str, Metadata]
+) -> None:
+    await register(harness, keys, "team-a-x")
+    sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
+    stream = Stream(sds.StreamSecrets, keys["team-a"])
+    await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]))
+    await stream.next()
+    await harness.service.stop(grace=1.0)
+    await asyncio.gather(stream.task, return_exceptions=True)
+    assert stream.responses.empty()  # no empty secret: Envoy keeps the token it has

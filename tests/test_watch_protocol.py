@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from tokensvc.events import Event, EventBus, ServerRemoved, TokenIssued, TokenRevoked
 from tokensvc.token import ServerToken, Token, utcnow
-from tokensvc.watch import Synced, Update, Watch
+from tokensvc.watch import CallerRevoked, Synced, Update, Watch
 
 
 def issued(server_id: str, version: int) -> TokenIssued:
@@ -43,8 +43,8 @@ def described(updates: list[Update]) -> list[tuple[int, str, str, int]]:
     out = []
     for u in updates:
         e = u.event
-        if isinstance(e, Synced):
-            out.append((u.sequence, "synced", "", 0))
+        if isinstance(e, Synced | CallerRevoked):
+            out.append((u.sequence, type(e).__name__, "", 0))
         elif isinstance(e, TokenIssued):
             out.append((u.sequence, "token", e.server_id, e.token.version))
         else:
@@ -57,7 +57,7 @@ async def test_snapshot_then_synced_then_changes_numbered_from_one() -> None:
     updates = state.watch().__aiter__()
     assert isinstance(updates, AsyncGenerator)
     first = await take(updates, 3)
-    assert described(first) == [(1, "token", "a", 1), (2, "token", "b", 3), (3, "synced", "", 0)]
+    assert described(first) == [(1, "token", "a", 1), (2, "token", "b", 3), (3, "Synced", "", 0)]
     state.bus.publish(issued("a", 2))
     assert described(await take(updates, 1)) == [(4, "token", "a", 2)]
     await updates.aclose()
@@ -78,7 +78,7 @@ async def test_it_subscribes_before_the_snapshot_so_no_change_falls_between() ->
     updates = aiter(watch)
     assert described(await take(updates, 3)) == [
         (1, "token", "a", 1),
-        (2, "synced", "", 0),
+        (2, "Synced", "", 0),
         (3, "token", "a", 2),
     ]
 
@@ -95,7 +95,7 @@ async def test_a_version_already_given_in_the_snapshot_is_not_given_again() -> N
 
     watch._snapshot = snapshot_that_already_has_v2
     updates = aiter(watch)
-    assert described(await take(updates, 2)) == [(1, "token", "a", 2), (2, "synced", "", 0)]
+    assert described(await take(updates, 2)) == [(1, "token", "a", 2), (2, "Synced", "", 0)]
     state.bus.publish(issued("a", 1))  # older: dropped too
     state.bus.publish(issued("a", 3))
     assert described(await take(updates, 1)) == [(3, "token", "a", 3)]
@@ -130,7 +130,7 @@ async def test_after_a_removal_the_same_version_counts_as_new() -> None:
 async def test_named_servers_and_allow_filter_the_snapshot_and_the_changes() -> None:
     state = State(issued("a", 1), issued("b", 1), issued("c", 1))
     updates = aiter(Watch(state.bus, state.snapshot, ["a", "b"], allow=lambda s: s != "b"))
-    assert described(await take(updates, 2)) == [(1, "token", "a", 1), (2, "synced", "", 0)]
+    assert described(await take(updates, 2)) == [(1, "token", "a", 1), (2, "Synced", "", 0)]
     state.bus.publish(issued("b", 2))
     state.bus.publish(issued("c", 2))
     state.bus.publish(issued("a", 2))
@@ -140,7 +140,7 @@ async def test_named_servers_and_allow_filter_the_snapshot_and_the_changes() -> 
 async def test_closing_the_bus_ends_the_watch() -> None:
     state = State(issued("a", 1))
     seen = [u async for u in _until_closed(state)]
-    assert described(seen) == [(1, "token", "a", 1), (2, "synced", "", 0)]
+    assert described(seen) == [(1, "token", "a", 1), (2, "Synced", "", 0)]
     assert state.snapshots == 1
 
 
@@ -149,3 +149,17 @@ async def _until_closed(state: State) -> AsyncIterator[Update]:
         yield update
         if isinstance(update.event, Synced):
             state.bus.close()
+
+
+async def test_a_revoked_owner_s_watch_ends_with_caller_revoked_and_others_go_on() -> None:
+    state = State(issued("a", 1))
+    revoked = Watch(state.bus, state.snapshot, owner="broker-1").__aiter__()
+    other = Watch(state.bus, state.snapshot, owner="broker-2").__aiter__()
+    await take(revoked, 2)
+    await take(other, 2)
+    state.bus.close_owner("broker-1")
+    [last] = await take(revoked, 1)
+    assert last.sequence == 3 and isinstance(last.event, CallerRevoked)
+    assert [u async for u in revoked] == []
+    state.bus.publish(issued("a", 2))
+    assert described(await take(other, 1)) == [(3, "token", "a", 2)]

@@ -29,9 +29,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from tokensvc.errors import Unauthenticated
 from tokensvc.events import Event, ServerRemoved, TokenIssued, TokenRevoked
 from tokensvc.token import Clock, ServerToken, utcnow
-from tokensvc.watch import Synced, Watch
+from tokensvc.watch import CallerRevoked, Synced, Watch
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,16 @@ class Secrets:
         self.clock = clock
         self._tokens: dict[str, ServerToken] = {}
         self.synced = False
+        self.revoked = False
         self._warned: set[str] = set()
 
-    def apply(self, event: Event | Synced) -> None:
+    def apply(self, event: Event | Synced | CallerRevoked) -> None:
         match event:
             case Synced():
                 self.synced = True
+            case CallerRevoked():
+                self.revoked = True  # every secret empty: the node stops using them
+                self._tokens.clear()
             case TokenIssued(token=held):
                 self._tokens[held.server_id] = held
             case TokenRevoked() | ServerRemoved():
@@ -326,17 +331,21 @@ async def serve(
 ) -> AsyncGenerator[Response, None]:
     """Runs one stream: reads the node's requests and the token changes, and
     gives each response to send. Ends when the node's requests end or the
-    watch ends (shutdown, revoked caller)."""
-    inbox: asyncio.Queue[Request | Event | Synced | None] = asyncio.Queue()
+    watch ends (shutdown: the node keeps what it has and reconnects). A revoked
+    caller's node is sent empty secrets first, then the stream fails
+    UNAUTHENTICATED."""
+    inbox: asyncio.Queue[Request | Event | Synced | CallerRevoked | None] = asyncio.Queue()
 
-    async def pump(source: AsyncIterator[Request] | AsyncIterator[Event | Synced]) -> None:
+    async def pump(
+        source: AsyncIterator[Request] | AsyncIterator[Event | Synced | CallerRevoked],
+    ) -> None:
         try:
             async for item in source:
                 inbox.put_nowait(item)
         finally:
             inbox.put_nowait(None)
 
-    async def changes() -> AsyncIterator[Event | Synced]:
+    async def changes() -> AsyncIterator[Event | Synced | CallerRevoked]:
         async for update in watch:
             yield update.event
 
@@ -360,6 +369,8 @@ async def serve(
                     stream.secrets.apply(item)
             if (response := stream.response()) is not None:
                 yield response
+            if stream.secrets.revoked:
+                raise Unauthenticated("the caller was revoked: its secrets were emptied")
     finally:
         for task in tasks:
             task.cancel()

@@ -9,6 +9,7 @@ the current state, so that no change can fall between the two. It then gives:
    with a token version never given twice (one already in the snapshot is
    dropped when its change arrives).
 
+If the watcher's caller is revoked, the watch ends with :class:`CallerRevoked`.
 Every item carries a sequence number, 1, 2, 3, ... on that watch. WatchTokens
 (gRPC) and the Envoy SDS channel are its consumers; neither reaches the bus.
 """
@@ -27,9 +28,14 @@ class Synced:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerRevoked:
+    """The watcher's caller was revoked: the last item of its watch."""
+
+
+@dataclass(frozen=True, slots=True)
 class Update:
     sequence: int
-    event: Event | Synced
+    event: Event | Synced | CallerRevoked
 
 
 Snapshot = Callable[[Collection[str] | None], list[Event]]
@@ -81,5 +87,7 @@ class Watch:
                         sent.pop(event.server_id, None)
                     sequence += 1
                     yield Update(sequence, event)
+            if subscription.revoked:
+                yield Update(sequence + 1, CallerRevoked())
         finally:
             self._bus.unsubscribe(subscription)

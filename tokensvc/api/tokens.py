@@ -14,7 +14,7 @@ from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
-from tokensvc.watch import Synced
+from tokensvc.watch import CallerRevoked, Synced
 
 MAX_WATCHED = 1000
 HEX = frozenset("0123456789abcdefABCDEF")
@@ -66,6 +66,8 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             await abort(context, exc)
         async for update in self._manager.watch(server_ids, caller.may_see, caller.id):
             event = update.event
+            if isinstance(event, CallerRevoked):
+                return  # the stream ends; a new one is refused
             if isinstance(event, Synced):
                 yield synced(update.sequence)
                 continue
