@@ -4,7 +4,6 @@ its ports and key replaced, its admin on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import shutil
@@ -39,11 +38,12 @@ def readme_config() -> str:
     return match.group(1)
 
 
-def configured(tokensvc_port: int, mcp_port: int, key: str) -> str:
+def configured(tokensvc_port: int, mcp_port: int, key: str, delta: bool = False) -> str:
     """The README's config with only its ports and key replaced; Envoy's own
-    ports become 0 (any free one)."""
+    ports become 0 (any free one). ``delta``: DeltaSecrets, as the README says."""
     config = readme_config()
     for old, new in (
+        ("api_type: GRPC", "api_type: DELTA_GRPC" if delta else "api_type: GRPC"),
         ("port_value: 9901}", "port_value: 0}"),
         ("port_value: 10000}", "port_value: 0}"),
         ("port_value: 50051}", f"port_value: {tokensvc_port}}}"),
@@ -100,14 +100,12 @@ class Envoy:
                         return f"http://127.0.0.1:{address['port_value']}"
                 await asyncio.sleep(0.1)  # polling Envoy's admin: it has no push for this
 
-    async def stats(self, prefix: str) -> dict[str, int]:
+    async def stat(self, name: str) -> int:
+        """One of Envoy's counters or gauges."""
         async with httpx2.AsyncClient() as client:
-            response = await client.get(f"{self.admin}/stats?format=json&filter={prefix}")
-        return {
-            s["name"]: s["value"]
-            for s in response.json()["stats"]
-            if isinstance(s.get("value"), int)
-        }
+            response = await client.get(f"{self.admin}/stats?format=json&filter=^{name}$")
+        [found] = response.json()["stats"]
+        return int(found["value"])
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -127,10 +125,6 @@ async def running_envoy(config: str, directory: Path) -> AsyncIterator[Envoy]:
         yield envoy
     finally:
         await envoy.stop()
-
-
-def dump(value: object) -> str:
-    return json.dumps(value, indent=1, default=str)
 
 
 async def secret_version(envoy: Envoy, name: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -92,6 +92,17 @@ async def store(database_url: str, keyring: KeyRing) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+
+
+async def eventually(done: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Until ``done()``: for state another task or process changes, and that
+    nothing announces (Envoy's admin, what a server task read from a stream)."""
+    async with asyncio.timeout(30):
+        while True:
+            result = done()
+            if result if isinstance(result, bool) else await result:
+                return
+            await asyncio.sleep(0.02)
 
 
 class FakeClock:

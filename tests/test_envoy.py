@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from envoy_process import Envoy, configured, envoy_binary, running_envoy, secret_version
-from support import CLIENT_ID, SECRET, Harness, running_service
+from support import CLIENT_ID, SECRET, Harness, eventually, running_service
 
 LIFETIME = 3.5  # seconds: tokensvc rotates them every ~2 s
 ROTATION_RUN = 20.0  # seconds of requests through Envoy
@@ -45,13 +46,17 @@ async def initialize_status(url: str) -> tuple[int, str]:
     return response.status_code, response.text
 
 
-async def until_version(envoy: Envoy, name: str, done: Any) -> str:
-    """Polls Envoy's admin (Envoy pushes nothing to us) until ``done(version)``."""
-    async with asyncio.timeout(30):
-        while True:
-            if done(version := await secret_version(envoy, name)):
-                return version
-            await asyncio.sleep(0.02)  # Envoy is another process: polled, paced
+async def until_version(envoy: Envoy, name: str, done: Callable[[str], bool]) -> str:
+    """The version of ``name`` Envoy holds, once ``done(version)``."""
+    held = ""
+
+    async def reached() -> bool:
+        nonlocal held
+        held = await secret_version(envoy, name)
+        return done(held)
+
+    await eventually(reached)
+    return held
 
 
 def number(version: str) -> int:
@@ -112,7 +117,7 @@ async def test_envoy_with_the_readme_config_rotates_without_a_401_and_fails_clos
                 # tokensvc is down: Envoy keeps injecting the token it has.
                 status, _ = await initialize_status(url)
                 assert status == 200
-                async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}"):
+                async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}") as back:
                     # Back: Envoy reconnects and follows the next rotation.
                     resynced = await until_version(
                         envoy, "weather", lambda v: number(v) > number(held)
@@ -125,6 +130,7 @@ async def test_envoy_with_the_readme_config_rotates_without_a_401_and_fails_clos
                     url = await envoy.listener_url() + "/mcp"
                     assert (await initialize_status(url))[0] == 200
                     print(f"a restarted Envoy served after {time.monotonic() - started:.2f} s")
+                    await revoking_the_key_makes_envoy_refuse(envoy, url, back, admin_md)
         assert "second-secret" not in envoy.log() and SECRET not in envoy.log()
 
 
@@ -184,3 +190,57 @@ async def re_registration_and_delete_reach_envoy(
     assert status == 401 and "credential" in body.lower(), body
     assert took < LIFETIME  # the deleted server's token would still have been valid
     assert mcp.rejected == rejected_before  # Envoy refused; nothing reached the MCP server
+
+
+async def test_envoy_over_delta_resumes_without_a_resend_and_fails_closed(
+    tmp_path: Path,
+) -> None:
+    envoy_binary()
+    data_dir = tmp_path / "data"
+    async with (
+        AuthServer() as auth,  # hour-long tokens: nothing rotates during this test
+        ProtectedMCPServer(issuer=auth.issuer, jwks_uri=auth.jwks_uri) as mcp,
+    ):
+        auth.add_client(CLIENT_ID, SECRET)
+        mcp_port = int(mcp.base_url.rsplit(":", 1)[1])
+        async with running_service(data_dir, auth) as tokensvc:
+            admin_md, broker_key = await keys(tokensvc)
+            await tokensvc.admin.RegisterServer(
+                registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
+            )
+            port = tokensvc.service.port
+            config = configured(port, mcp_port, broker_key, delta=True)
+            async with running_envoy(config, tmp_path) as envoy:
+                url = await envoy.listener_url() + "/mcp"  # subscribed: the listener is up
+                assert (await initialize_status(url))[0] == 200
+                held = await secret_version(envoy, "weather")
+                updates = await envoy.stat("sds.weather.update_success")
+                await tokensvc.service.stop(grace=0)
+                assert (await initialize_status(url))[0] == 200  # the last token, still
+                async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}") as back:
+                    # Envoy reconnects saying what it holds (initial_resource_versions):
+                    # tokensvc records it and sends nothing, since nothing changed.
+                    consumers = back.service.consumers
+                    await eventually(lambda: bool(consumers.of("weather")))
+                    [consumer] = consumers.of("weather")
+                    assert consumer.node.id == "gateway-1" and consumer.acked_version == held
+                    assert await envoy.stat("sds.weather.update_success") == updates
+                    deleted = time.monotonic()
+                    await back.admin.DeleteServer(
+                        pb.DeleteServerRequest(id="weather"), metadata=admin_md
+                    )
+                    await until_version(envoy, "weather", lambda v: v == "empty")
+                    status, body = await initialize_status(url)
+                    took = time.monotonic() - deleted
+                    print(f"over delta, a delete made Envoy refuse in {took:.2f} s")
+                    assert status == 401, body
+
+
+async def revoking_the_key_makes_envoy_refuse(
+    envoy: Envoy, url: str, tokensvc: Harness, admin_md: tuple[tuple[str, str]]
+) -> None:
+    callers = await tokensvc.admin.ListCallers(pb.ListCallersRequest(), metadata=admin_md)
+    [key] = [c for c in callers.callers if c.name == "envoy"]
+    await tokensvc.admin.RevokeCaller(pb.RevokeCallerRequest(id=key.id), metadata=admin_md)
+    await until_version(envoy, "weather", lambda v: v == "empty")
+    assert (await initialize_status(url))[0] == 401  # not the revoked key's last token

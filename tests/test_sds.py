@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,7 +19,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from tokensvc.sds import TYPE_URL
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import Harness
+from support import Harness, eventually
 
 NODE = base_pb2.Node(id="gateway-1", cluster="gateway")
 Metadata = tuple[tuple[str, str], ...]
@@ -63,15 +63,6 @@ class Stream:
     async def close(self) -> None:
         self.call.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
-
-
-async def eventually(done: Callable[[], bool]) -> None:
-    """Until the service's own tasks have done it (ACKs and ends are read there)."""
-    async with asyncio.timeout(10):
-        while True:
-            if done():
-                return
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -195,7 +186,7 @@ async def test_fetch_secrets_answers_once_with_the_current_secret(
     assert "type_url" in (failed.value.details() or "")
 
 
-async def test_delta_subscribe_unsubscribe_removal_and_reconnect(
+async def test_delta_subscribe_unsubscribe_emptied_and_reconnect(
     harness: Harness, keys: dict[str, Metadata]
 ) -> None:
     await register(harness, keys, "team-a-x", "team-a-y")
@@ -218,9 +209,11 @@ async def test_delta_subscribe_unsubscribe_removal_and_reconnect(
     )
     await harness.admin.DeleteServer(pb.DeleteServerRequest(id="team-a-y"), metadata=keys["admin"])
     await harness.admin.DeleteServer(pb.DeleteServerRequest(id="team-a-x"), metadata=keys["admin"])
-    removal = await delta.next()
-    # team-a-y was unsubscribed: only team-a-x is removed.
-    assert list(removal.removed_resources) == ["team-a-x"] and not removal.resources
+    emptied = await delta.next()
+    # team-a-y was unsubscribed: only team-a-x is emptied (never removed: Envoy
+    # would keep injecting the old token).
+    assert [(r.name, r.version) for r in emptied.resources] == [("team-a-x", "empty")]
+    assert header_values(emptied) == {"team-a-x": ""} and not emptied.removed_resources
     await delta.close()
 
     await register(harness, keys, "team-a-x", "team-a-y")

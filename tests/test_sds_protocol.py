@@ -128,7 +128,7 @@ def test_secrets_fail_closed_on_delete_change_expiry_and_for_names_not_allowed()
     assert response is not None and response.resources[0].header_value == ""
 
 
-def test_delta_sends_changes_removals_and_honours_initial_versions() -> None:
+def test_delta_sends_changes_empties_and_honours_initial_versions() -> None:
     clock = FakeClock()
     consumers, _, delta = streams(clock)
     delta.secrets.apply(issued(clock, "a", 1))
@@ -141,12 +141,14 @@ def test_delta_sends_changes_removals_and_honours_initial_versions() -> None:
     delta.request(Request(response_nonce=first.nonce))
     assert [c.acked_version for c in consumers.of("a")] == ["r1v1"]
     delta.secrets.apply(ServerRemoved("b"))
-    removal = delta.response()
-    assert removal is not None and removal.removed == ("b",) and removal.resources == ()
-    delta.request(Request(unsubscribe=("a",), response_nonce=removal.nonce))
+    emptied = delta.response()
+    # An empty secret, not a removal: Envoy ignores SDS removals and keeps the old token.
+    assert emptied is not None
+    assert [(r.name, r.version, r.header_value) for r in emptied.resources] == [("b", "empty", "")]
+    delta.request(Request(unsubscribe=("a",), response_nonce=emptied.nonce))
     assert consumers.of("a") == []
     delta.secrets.apply(issued(clock, "a", 2))
     assert delta.response() is None  # unsubscribed
-    delta.request(Request(resource_names=("a",), response_nonce=removal.nonce))
+    delta.request(Request(resource_names=("a",), response_nonce=emptied.nonce))
     again = delta.response()
     assert again is not None and [(r.name, r.version) for r in again.resources] == [("a", "r1v2")]

@@ -25,7 +25,7 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
@@ -86,7 +86,6 @@ class Response:
     version_info: str
     nonce: str
     resources: tuple[Resource, ...]
-    removed: tuple[str, ...] = ()  # delta only
     issued: tuple[ServerToken, ...] = ()  # token versions this node had not been sent
 
 
@@ -119,11 +118,12 @@ class Consumers:
     def _get(self, stream: str, node: Node, server_id: str) -> Consumer:
         return self._held.get((server_id, stream)) or Consumer(node, server_id)
 
-    def acked(self, stream: str, node: Node, resources: Iterable[Resource]) -> None:
+    def acked(self, stream: str, node: Node, versions: Mapping[str, str]) -> None:
+        """The node holds these versions (by its ACK, or its word on reconnecting)."""
         now = self._clock()
-        for r in resources:
-            held = self._get(stream, node, r.name)
-            self._set(stream, replace(held, acked_version=r.version, acked_at=now), r.name)
+        for name, version in versions.items():
+            held = self._get(stream, node, name)
+            self._set(stream, replace(held, acked_version=version, acked_at=now), name)
 
     def nacked(self, stream: str, node: Node, names: Iterable[str], error: str) -> None:
         now = self._clock()
@@ -140,6 +140,10 @@ class Consumers:
             (c for (sid, _), c in self._held.items() if sid == server_id),
             key=lambda c: (c.node.id, c.node.cluster),
         )
+
+
+def versions(resources: Iterable[Resource]) -> dict[str, str]:
+    return {r.name: r.version for r in resources}
 
 
 class Secrets:
@@ -223,7 +227,7 @@ class _Stream:
             names = [r.name for r in self.sent.resources]
             self.consumers.nacked(self.id, self.node, names, request.error)
         else:
-            self.consumers.acked(self.id, self.node, self.sent.resources)
+            self.consumers.acked(self.id, self.node, versions(self.sent.resources))
         return True
 
     def _issued(self, resources: Iterable[Resource]) -> tuple[ServerToken, ...]:
@@ -237,8 +241,12 @@ class _Stream:
                 self.secrets.valid(r.name)
         return tuple(new)
 
-    def close(self, names: Iterable[str]) -> None:
-        self.consumers.drop(self.id, names)
+    def subscribed(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The stream ended: its node holds nothing of ours any more."""
+        self.consumers.drop(self.id, self.subscribed())
 
 
 class SotwStream(_Stream):
@@ -271,17 +279,17 @@ class SotwStream(_Stream):
         last = self.sent.version_info if self.sent is not None else self._holds
         if version == last:
             if self.sent is None and last:  # reconnected, already current
-                self.consumers.acked(self.id, self.node, resources)
+                self.consumers.acked(self.id, self.node, versions(resources))
             return None
         self.sent = Response(version, self.nonce(), resources, issued=self._issued(resources))
         return self.sent
 
-    def close(self, names: Iterable[str] = ()) -> None:
-        super().close(self.names or ())
+    def subscribed(self) -> Iterable[str]:
+        return self.names or ()
 
 
 class DeltaStream(_Stream):
-    """DeltaSecrets: each response carries what changed, and what was removed."""
+    """DeltaSecrets: each response carries the resources that changed."""
 
     def __init__(self, consumers: Consumers, secrets_: Secrets) -> None:
         super().__init__(consumers, secrets_)
@@ -292,10 +300,12 @@ class DeltaStream(_Stream):
     def request(self, request: Request) -> None:
         if not self._answer(request):
             return
+        self.names |= set(request.resource_names)
         if not request.response_nonce:
             self._has = dict(request.initial_versions)
+            held = {n: v for n, v in self._has.items() if n in self.names}
+            self.consumers.acked(self.id, self.node, held)  # a reconnecting node's word
         self._started = True
-        self.names |= set(request.resource_names)
         for name in request.unsubscribe:
             self.names.discard(name)
             self._has.pop(name, None)
@@ -304,26 +314,16 @@ class DeltaStream(_Stream):
     def response(self) -> Response | None:
         if not self._started or not self.secrets.synced:
             return None
-        changed, removed = [], []
-        for name in sorted(self.names):
-            resource = self.secrets.resource(name)
-            if resource.token is None:
-                if name in self._has:
-                    removed.append(name)
-                    del self._has[name]
-            elif self._has.get(name) != resource.version:
-                changed.append(resource)
-                self._has[name] = resource.version
-        if not changed and not removed:
+        resources = [self.secrets.resource(name) for name in sorted(self.names)]
+        changed = tuple(r for r in resources if self._has.get(r.name) != r.version)
+        if not changed:
             return None
-        self.consumers.drop(self.id, removed)
-        self.sent = Response(
-            "", self.nonce(), tuple(changed), tuple(removed), self._issued(changed)
-        )
+        self._has.update((r.name, r.version) for r in changed)
+        self.sent = Response("", self.nonce(), changed, self._issued(changed))
         return self.sent
 
-    def close(self, names: Iterable[str] = ()) -> None:
-        super().close(self.names)
+    def subscribed(self) -> Iterable[str]:
+        return self.names
 
 
 async def serve(
@@ -352,7 +352,7 @@ async def serve(
     tasks = [asyncio.create_task(pump(requests)), asyncio.create_task(pump(changes()))]
     try:
         while True:
-            expiry = stream.secrets.next_expiry(stream.names or ())
+            expiry = stream.secrets.next_expiry(stream.subscribed())
             timeout = None
             if expiry is not None:
                 timeout = max(0.01, (expiry - stream.secrets.clock()).total_seconds())

@@ -84,7 +84,6 @@ def delta_response(response: sds.Response) -> xds.DeltaDiscoveryResponse:
             xds.Resource(name=r.name, version=r.version, resource=secret_any(r))
             for r in response.resources
         ],
-        removed_resources=response.removed,
         type_url=sds.TYPE_URL,
         nonce=response.nonce,
     )
