@@ -19,7 +19,7 @@ from envoy.service.secret.v3 import sds_pb2_grpc
 from tokensvc.sds import TYPE_URL
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import Harness, eventually
+from support import Harness, error_info, eventually
 
 NODE = base_pb2.Node(id="gateway-1", cluster="gateway")
 Metadata = tuple[tuple[str, str], ...]
@@ -184,6 +184,29 @@ async def test_fetch_secrets_answers_once_with_the_current_secret(
         )
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "type_url" in (failed.value.details() or "")
+    for names, field in (
+        (["team-a-x", "../etc"], "resource_names[1]"),
+        ([f"team-a-{i}" for i in range(1001)], "resource_names"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await sds.FetchSecrets(
+                xds.DiscoveryRequest(resource_names=names), metadata=keys["team-a"]
+            )
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(failed.value).metadata["field"] == field
+
+
+async def test_a_stream_asking_for_a_name_that_is_no_server_id_fails_naming_it(
+    harness: Harness, keys: dict[str, Metadata]
+) -> None:
+    sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
+    stream = Stream(sds.DeltaSecrets, keys["team-a"])
+    await stream.requests.put(
+        xds.DeltaDiscoveryRequest(node=NODE, resource_names_subscribe=["ok", "Bad Name"])
+    )
+    await asyncio.gather(stream.task, return_exceptions=True)
+    assert (await stream.call.code()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resource_names_subscribe[1]" in (await stream.call.details())
 
 
 async def test_delta_subscribe_unsubscribe_emptied_and_reconnect(

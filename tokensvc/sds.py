@@ -29,7 +29,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from tokensvc.errors import Unauthenticated
+from tokensvc.errors import TokenSvcError, Unauthenticated
 from tokensvc.events import Event, ServerRemoved, TokenIssued, TokenRevoked
 from tokensvc.token import Clock, ServerToken, utcnow
 from tokensvc.watch import CallerRevoked, Synced, Watch
@@ -334,7 +334,8 @@ async def serve(
     watch ends (shutdown: the node keeps what it has and reconnects). A revoked
     caller's node is sent empty secrets first, then the stream fails
     UNAUTHENTICATED."""
-    inbox: asyncio.Queue[Request | Event | Synced | CallerRevoked | None] = asyncio.Queue()
+    Item = Request | Event | Synced | CallerRevoked | TokenSvcError | None
+    inbox: asyncio.Queue[Item] = asyncio.Queue()
 
     async def pump(
         source: AsyncIterator[Request] | AsyncIterator[Event | Synced | CallerRevoked],
@@ -342,6 +343,8 @@ async def serve(
         try:
             async for item in source:
                 inbox.put_nowait(item)
+        except TokenSvcError as exc:  # a request that cannot be served: the stream fails
+            inbox.put_nowait(exc)
         finally:
             inbox.put_nowait(None)
 
@@ -363,6 +366,8 @@ async def serve(
             else:
                 if item is None:
                     break
+                if isinstance(item, TokenSvcError):
+                    raise item
                 if isinstance(item, Request):
                     stream.request(item)
                 else:

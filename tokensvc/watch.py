@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from tokensvc.events import Event, EventBus, TokenIssued
 
+MAX_WATCHED = 1000  # server ids one watch (or SDS stream) may name
+
 
 @dataclass(frozen=True, slots=True)
 class Synced:

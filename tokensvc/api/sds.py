@@ -19,7 +19,9 @@ from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator, Caller, Role
 from tokensvc.errors import InvalidArgument, TokenSvcError
 from tokensvc.manager import TokenManager
+from tokensvc.registration import validate_server_id
 from tokensvc.token import Clock, utcnow
+from tokensvc.watch import MAX_WATCHED
 
 Stream = sds.SotwStream | sds.DeltaStream
 S = TypeVar("S", sds.SotwStream, sds.DeltaStream)
@@ -34,12 +36,19 @@ def _check_type(type_url: str) -> None:
         raise InvalidArgument("type_url", f"tokensvc serves secrets only: {sds.TYPE_URL}")
 
 
+def _names(names: Any, field: str) -> tuple[str, ...]:
+    """Resource names are server ids; Envoy logs the error and retries."""
+    if len(names) > MAX_WATCHED:
+        raise InvalidArgument(field, f"ask for at most {MAX_WATCHED} secrets on one stream")
+    return tuple(validate_server_id(name, f"{field}[{i}]") for i, name in enumerate(names))
+
+
 def sotw_request(request: xds.DiscoveryRequest) -> sds.Request:
     _check_type(request.type_url)
     return sds.Request(
         node=_node(request.node),
         version_info=request.version_info,
-        resource_names=tuple(request.resource_names),
+        resource_names=_names(request.resource_names, "resource_names"),
         response_nonce=request.response_nonce,
         error=request.error_detail.message if request.HasField("error_detail") else "",
     )
@@ -49,7 +58,7 @@ def delta_request(request: xds.DeltaDiscoveryRequest) -> sds.Request:
     _check_type(request.type_url)
     return sds.Request(
         node=_node(request.node),
-        resource_names=tuple(request.resource_names_subscribe),
+        resource_names=_names(request.resource_names_subscribe, "resource_names_subscribe"),
         unsubscribe=tuple(request.resource_names_unsubscribe),
         initial_versions=dict(request.initial_resource_versions),
         response_nonce=request.response_nonce,

@@ -14,9 +14,8 @@ from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
-from tokensvc.watch import CallerRevoked, Synced
+from tokensvc.watch import MAX_WATCHED, CallerRevoked, Synced
 
-MAX_WATCHED = 1000
 HEX = frozenset("0123456789abcdefABCDEF")
 
 
