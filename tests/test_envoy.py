@@ -220,7 +220,8 @@ async def test_envoy_over_delta_resumes_without_a_resend_and_fails_closed(
                 async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}") as back:
                     # Envoy reconnects saying what it holds (initial_resource_versions):
                     # tokensvc records it and sends nothing, since nothing changed.
-                    consumers = back.service.consumers
+                    assert back.service.consumers is not None
+                    consumers = back.service.consumers.local
                     await eventually(lambda: bool(consumers.of("weather")))
                     [consumer] = consumers.of("weather")
                     assert consumer.node.id == "gateway-1" and consumer.acked_version == held

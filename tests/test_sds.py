@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -16,10 +17,19 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 from envoy.service.secret.v3 import sds_pb2_grpc
 
+from tokensvc.demo.authserver import AuthServer
 from tokensvc.sds import TYPE_URL
+from tokensvc.store import create_engine, migrate
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import Harness, error_info, eventually
+from support import (
+    Harness,
+    create_pg_database,
+    drop_pg_database,
+    error_info,
+    eventually,
+    running_service,
+)
 
 NODE = base_pb2.Node(id="gateway-1", cluster="gateway")
 Metadata = tuple[tuple[str, str], ...]
@@ -117,7 +127,8 @@ async def test_a_scoped_key_gets_its_servers_only_and_no_key_gets_nothing(
         )
     )
     # The ACK is recorded for admins, per server and node.
-    consumers = harness.service.consumers
+    assert harness.service.consumers is not None
+    consumers = harness.service.consumers.local
     await eventually(lambda: bool(consumers.of("team-a-x")))
     [held] = consumers.of("team-a-x")
     assert (held.node.id, held.node.cluster) == ("gateway-1", "gateway")
@@ -290,3 +301,60 @@ async def test_on_shutdown_the_stream_ends_without_emptying_anything(
     await harness.service.stop(grace=1.0)
     await asyncio.gather(stream.task, return_exceptions=True)
     assert stream.responses.empty()  # no empty secret: Envoy keeps the token it has
+
+
+async def test_every_replica_shows_the_nodes_connected_to_any_replica(
+    tmp_path: Path, auth: AuthServer, key_entry: str
+) -> None:
+    url = await create_pg_database()
+    engine = create_engine(url)
+    try:
+        await migrate.upgrade(engine)
+        async with (
+            running_service(tmp_path / "a", auth, database_url=url, keys=key_entry) as a,
+            running_service(tmp_path / "b", auth, database_url=url, keys=key_entry) as b,
+        ):
+            created = await a.admin.CreateCaller(
+                pb.CreateCallerRequest(name="admin", roles=["admin"])
+            )
+            admin = bearer(created.key)
+            await register(a, {"admin": admin}, "weather")
+            stream = Stream(sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets, admin)
+            # An admin key is no broker: the stream is refused.
+            await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["weather"]))
+            await asyncio.gather(stream.task, return_exceptions=True)
+            assert (await stream.call.code()) == grpc.StatusCode.PERMISSION_DENIED
+            broker = await a.admin.CreateCaller(
+                pb.CreateCallerRequest(name="envoy", roles=["broker"]), metadata=admin
+            )
+            stream = Stream(
+                sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets,
+                bearer(broker.key),
+            )
+            await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["weather"]))
+            sent = await stream.next()
+            await stream.requests.put(
+                xds.DiscoveryRequest(
+                    version_info=sent.version_info,
+                    resource_names=["weather"],
+                    response_nonce=sent.nonce,
+                )
+            )
+
+            async def shown_on_b() -> list[str]:
+                server = await b.admin.GetServer(pb.GetServerRequest(id="weather"), metadata=admin)
+                return [f"{c.node_id}/{c.cluster}@{c.acked_version}" for c in server.sds_consumers]
+
+            async def acked_on_b() -> bool:
+                return await shown_on_b() == [f"gateway-1/gateway@{sent.version_info}"]
+
+            await eventually(acked_on_b)  # within a second or so: b reads it from the database
+            await stream.close()
+
+            async def gone_on_b() -> bool:
+                return await shown_on_b() == []
+
+            await eventually(gone_on_b)
+    finally:
+        await engine.dispose()
+        await drop_pg_database(url)

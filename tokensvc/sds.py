@@ -107,13 +107,28 @@ class Consumers:
     def __init__(self, clock: Clock = utcnow) -> None:
         self._clock = clock
         self._held: dict[tuple[str, str], Consumer] = {}  # (server id, stream) -> consumer
+        # Changed since taken (tokensvc.consumers shares them with the other replicas).
+        self._changed: dict[tuple[str, str], Consumer | None] = {}
 
     def _set(self, stream: str, consumer: Consumer | None, server_id: str) -> None:
         """The one place where ACK/NACK state changes."""
+        key = (server_id, stream)
         if consumer is None:
-            self._held.pop((server_id, stream), None)
+            if self._held.pop(key, None) is None:
+                return
         else:
-            self._held[(server_id, stream)] = consumer
+            self._held[key] = consumer
+        self._changed[key] = consumer
+
+    def take_changes(self) -> list[tuple[str, str, Consumer | None]]:
+        """(stream, server id, consumer or None: gone) changed since the last take."""
+        changes, self._changed = self._changed, {}
+        return [(stream, server_id, c) for (server_id, stream), c in changes.items()]
+
+    def give_back(self, changes: Iterable[tuple[str, str, Consumer | None]]) -> None:
+        """Changes that could not be shared yet; newer ones win."""
+        for stream, server_id, consumer in changes:
+            self._changed.setdefault((server_id, stream), consumer)
 
     def _get(self, stream: str, node: Node, server_id: str) -> Consumer:
         return self._held.get((server_id, stream)) or Consumer(node, server_id)

@@ -28,16 +28,17 @@ from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.api.sds import SecretDiscoveryServicer
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
+from tokensvc.consumers import ConsumerRegistry
 from tokensvc.crypto import KeyRing, load_keyring
 from tokensvc.discovery import discover
 from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.registration import UrlPolicy
-from tokensvc.sds import Consumers
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
+from tokensvc.store.consumers import ConsumerStore
 from tokensvc.store.notify import Change, Listener
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2, tokensvc_pb2_grpc
@@ -105,7 +106,7 @@ class Service:
     auth: Authenticator | None = field(default=None, init=False)
     audit: AuditLog | None = field(default=None, init=False)
     # Which Envoy node holds which secret version (Envoy SDS).
-    consumers: Consumers = field(default_factory=Consumers, init=False)
+    consumers: ConsumerRegistry | None = field(default=None, init=False)
 
     async def start(self) -> int:
         try:
@@ -178,7 +179,8 @@ class Service:
                 self.manager.resync,
             )
             self._listener.start()
-        self.consumers = Consumers(self.clock)
+        self.consumers = ConsumerRegistry(ConsumerStore(self.store.engine), origin, self.clock)
+        self.consumers.start()
         tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(self.manager, self.auth, self.audit), server
         )
@@ -191,14 +193,14 @@ class Service:
                 self.fetcher.fetch,
                 self.auth,
                 access,
-                self.clock,
                 self.consumers,
+                self.clock,
             ),
             server,
         )
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(
             SecretDiscoveryServicer(
-                self.manager, self.auth, self.audit, self.consumers, self.clock
+                self.manager, self.auth, self.audit, self.consumers.local, self.clock
             ),
             server,
         )
@@ -307,6 +309,9 @@ class Service:
         if self.audit is not None:
             await self.audit.stop()
             self.audit = None
+        if self.consumers is not None:
+            await self.consumers.stop()
+            self.consumers = None
         if self.fetcher is not None:
             await self.fetcher.aclose()
             self.fetcher = None

@@ -20,6 +20,7 @@ from tokensvc.api.convert import (
 )
 from tokensvc.api.errors import Context, handles_errors
 from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key
+from tokensvc.consumers import ConsumerRegistry
 from tokensvc.discovery import Getter, discover, needs_discovery
 from tokensvc.errors import InvalidArgument
 from tokensvc.manager import Fetch, TokenManager
@@ -30,7 +31,6 @@ from tokensvc.registration import (
     validate_server_id,
     validate_spec,
 )
-from tokensvc.sds import Consumers
 from tokensvc.store import Store
 from tokensvc.store.access import AccessStore, CallerRecord
 from tokensvc.token import Clock, utcnow
@@ -53,10 +53,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         fetch: Fetch,
         auth: Authenticator,
         access: AccessStore,
+        consumers: ConsumerRegistry,
         clock: Clock = utcnow,
-        consumers: Consumers | None = None,
     ) -> None:
-        self._consumers = consumers or Consumers(clock)
+        self._consumers = consumers
         self._auth = auth
         self._access = access
         self._clock = clock
@@ -152,7 +152,8 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         await self._auth.require(context, Role.ADMIN)
         validate_server_id(request.id)
         record = await self._store.get_server(request.id)
-        return server_to_proto(record, self._consumers.of(request.id))
+        consumers = await self._consumers.of([request.id])
+        return server_to_proto(record, consumers[request.id])
 
     @handles_errors
     async def ListServers(
@@ -169,8 +170,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         more = len(records) > size
         records = records[:size]
         next_token = _encode_page_token(records[-1].spec.id) if more else ""
+        consumers = await self._consumers.of([r.spec.id for r in records])
         return pb.ListServersResponse(
-            servers=[server_to_proto(r, self._consumers.of(r.spec.id)) for r in records],
+            servers=[server_to_proto(r, consumers[r.spec.id]) for r in records],
             next_page_token=next_token,
         )
 
