@@ -2,7 +2,8 @@
 kept in memory (tokensvc.sds.Consumers) and written to the database within a
 second; GetServer adds the other replicas' from there. A replica refreshes its
 rows every HEARTBEAT seconds; rows older than STALE (a replica that died) are
-ignored, then purged."""
+ignored, then purged. On SQLite (one process) there is nobody to share with,
+and nothing is written."""
 
 from __future__ import annotations
 
@@ -25,14 +26,16 @@ STALE = timedelta(seconds=3 * HEARTBEAT)
 
 
 class ConsumerRegistry:
-    def __init__(self, store: ConsumerStore, replica: str, clock: Clock = utcnow) -> None:
-        self.local = Consumers(clock)
+    def __init__(self, store: ConsumerStore | None, replica: str, clock: Clock = utcnow) -> None:
+        self.local = Consumers(clock, shared=store is not None)
         self._store = store
         self._replica = replica
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if self._store is None:
+            return
         self._task = asyncio.create_task(self._run(), name="sds-consumers")
 
     async def stop(self) -> None:
@@ -40,10 +43,13 @@ class ConsumerRegistry:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        with contextlib.suppress(StoreUnavailable):
-            await self._store.forget(self._replica)
+        if self._store is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.forget(self._replica)
 
     async def flush(self) -> None:
+        if self._store is None:
+            return
         changes = self.local.take_changes()
         if not changes:
             return
@@ -60,7 +66,7 @@ class ConsumerRegistry:
             try:
                 await self.flush()
                 since_heartbeat += FLUSH_INTERVAL
-                if since_heartbeat >= HEARTBEAT:
+                if since_heartbeat >= HEARTBEAT and self._store is not None:
                     since_heartbeat = 0.0
                     now = self._clock()
                     await self._store.heartbeat(self._replica, now, now - STALE)
@@ -71,6 +77,8 @@ class ConsumerRegistry:
         """Every replica's consumers of these servers (this one's alone if the
         database is unavailable)."""
         found: dict[str, list[Consumer]] = {sid: self.local.of(sid) for sid in server_ids}
+        if self._store is None:
+            return found
         with contextlib.suppress(StoreUnavailable):
             others = await self._store.of_others(self._replica, server_ids, self._clock() - STALE)
             for consumer in others:

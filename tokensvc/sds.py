@@ -104,10 +104,11 @@ class Consumer:
 class Consumers:
     """Every connected node's ACKed version and last NACK, per server."""
 
-    def __init__(self, clock: Clock = utcnow) -> None:
+    def __init__(self, clock: Clock = utcnow, shared: bool = False) -> None:
         self._clock = clock
         self._held: dict[tuple[str, str], Consumer] = {}  # (server id, stream) -> consumer
-        # Changed since taken (tokensvc.consumers shares them with the other replicas).
+        # Changed since taken, if shared (tokensvc.consumers tells the other replicas).
+        self._shared = shared
         self._changed: dict[tuple[str, str], Consumer | None] = {}
 
     def _set(self, stream: str, consumer: Consumer | None, server_id: str) -> None:
@@ -118,7 +119,8 @@ class Consumers:
                 return
         else:
             self._held[key] = consumer
-        self._changed[key] = consumer
+        if self._shared:
+            self._changed[key] = consumer
 
     def take_changes(self) -> list[tuple[str, str, Consumer | None]]:
         """(stream, server id, consumer or None: gone) changed since the last take."""

@@ -179,7 +179,8 @@ class Service:
                 self.manager.resync,
             )
             self._listener.start()
-        self.consumers = ConsumerRegistry(ConsumerStore(self.store.engine), origin, self.clock)
+        shared = ConsumerStore(self.store.engine) if self.store.shared else None
+        self.consumers = ConsumerRegistry(shared, origin, self.clock)
         self.consumers.start()
         tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(self.manager, self.auth, self.audit), server
