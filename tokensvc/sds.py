@@ -24,9 +24,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from secrets import token_hex
 from datetime import datetime
 
 from tokensvc.errors import TokenSvcError, Unauthenticated
@@ -225,10 +225,10 @@ def _redacted(error: str, resources: Iterable[Resource]) -> str:
 class _Stream:
     """What SotW and delta share: nonces, the node, and its consumer records."""
 
-    def __init__(self, consumers: Consumers, secrets_: Secrets) -> None:
+    def __init__(self, consumers: Consumers, secrets: Secrets) -> None:
         self.consumers = consumers
-        self.secrets = secrets_
-        self.id = secrets.token_hex(8)
+        self.secrets = secrets
+        self.id = token_hex(8)
         self.node = Node("")
         self._nonces = itertools.count(1)
         self.sent: Response | None = None  # the last response
@@ -278,8 +278,8 @@ class _Stream:
 class SotwStream(_Stream):
     """StreamSecrets: each response carries every requested resource."""
 
-    def __init__(self, consumers: Consumers, secrets_: Secrets) -> None:
-        super().__init__(consumers, secrets_)
+    def __init__(self, consumers: Consumers, secrets: Secrets) -> None:
+        super().__init__(consumers, secrets)
         self.names: tuple[str, ...] | None = None  # None: no request yet
         self._holds = ""  # the version_info the node holds, by its request
 
@@ -317,8 +317,8 @@ class SotwStream(_Stream):
 class DeltaStream(_Stream):
     """DeltaSecrets: each response carries the resources that changed."""
 
-    def __init__(self, consumers: Consumers, secrets_: Secrets) -> None:
-        super().__init__(consumers, secrets_)
+    def __init__(self, consumers: Consumers, secrets: Secrets) -> None:
+        super().__init__(consumers, secrets)
         self.names: set[str] = set()
         self._has: dict[str, str] = {}  # what the node holds, by what it was sent
         self._started = False
