@@ -26,8 +26,8 @@ import itertools
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from secrets import token_hex
 from datetime import datetime
+from secrets import token_hex
 
 from tokensvc.errors import TokenSvcError, Unauthenticated
 from tokensvc.events import Event, ServerRemoved, TokenIssued, TokenRevoked
