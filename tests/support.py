@@ -7,7 +7,7 @@ import asyncio
 import ipaddress
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -95,6 +95,17 @@ async def store(database_url: str, keyring: KeyRing) -> AsyncIterator[Store]:
         yield store
     finally:
         await store.close()
+
+
+async def eventually(done: Callable[[], bool | Awaitable[bool]]) -> None:
+    """Until ``done()``: for state another task or process changes, and that
+    nothing announces (Envoy's admin, what a server task read from a stream)."""
+    async with asyncio.timeout(30):
+        while True:
+            result = done()
+            if result if isinstance(result, bool) else await result:
+                return
+            await asyncio.sleep(0.02)
 
 
 class FakeClock:
@@ -286,8 +297,9 @@ async def manual(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
         yield h
 
 
-async def bearer_call(url: str, access_token: str) -> int:
-    """The status an MCP endpoint answers to an initialize request with this token."""
+async def mcp_initialize(url: str, access_token: str | None = None) -> tuple[int, str]:
+    """The status and body an MCP endpoint answers to an initialize request,
+    with this bearer token (or none of ours: through Envoy, which adds it)."""
     import httpx2
 
     body = {
@@ -300,16 +312,17 @@ async def bearer_call(url: str, access_token: str) -> int:
             "clientInfo": {"name": "tokensvc-tests", "version": "0"},
         },
     }
+    headers = {"Accept": "application/json, text/event-stream"}
+    if access_token is not None:
+        headers["Authorization"] = f"Bearer {access_token}"
     async with httpx2.AsyncClient() as client:
-        response = await client.post(
-            url,
-            json=body,
-            headers={
-                "Authorization": f"Bearer {access_token}",
-                "Accept": "application/json, text/event-stream",
-            },
-        )
-    return response.status_code
+        response = await client.post(url, json=body, headers=headers)
+    return response.status_code, response.text
+
+
+async def bearer_call(url: str, access_token: str) -> int:
+    """The status an MCP endpoint answers to an initialize request with this token."""
+    return (await mcp_initialize(url, access_token))[0]
 
 
 async def scrape(port: int) -> str:

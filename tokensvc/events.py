@@ -68,6 +68,7 @@ class Subscription:
         self._pending: dict[str, Event] = {}
         self._ready = asyncio.Event()
         self.closed = False
+        self.revoked = False  # closed because its owner was revoked
 
     def wants(self, server_id: str) -> bool:
         if self.allow is not None and not self.allow(server_id):
@@ -82,8 +83,9 @@ class Subscription:
         self._pending[event.server_id] = event
         self._ready.set()
 
-    def close(self) -> None:
+    def close(self, revoked: bool = False) -> None:
         self.closed = True
+        self.revoked = self.revoked or revoked
         self._ready.set()
 
     @property
@@ -119,11 +121,11 @@ class EventBus:
             metrics.watch_stream_opened()
         return subscription
 
-    def unsubscribe(self, subscription: Subscription) -> None:
+    def unsubscribe(self, subscription: Subscription, revoked: bool = False) -> None:
         if subscription in self._subscriptions:
             self._subscriptions.discard(subscription)
             metrics.watch_streams_closed()
-        subscription.close()
+        subscription.close(revoked)
 
     def publish(self, event: Event) -> None:
         for subscription in tuple(self._subscriptions):
@@ -141,7 +143,7 @@ class EventBus:
         """Ends the streams of one caller (revoked)."""
         for subscription in tuple(self._subscriptions):
             if subscription.owner == owner:
-                self.unsubscribe(subscription)
+                self.unsubscribe(subscription, revoked=True)
 
     def close(self) -> None:
         """Ends every stream (on shutdown: clients reconnect elsewhere)."""

@@ -49,6 +49,7 @@ from tokensvc.scheduler import Scheduler
 from tokensvc.store import FetchContext, LastError, ServerRecord, Store
 from tokensvc.store.notify import Change
 from tokensvc.token import DEFAULT_MIN_VALID_FOR, Clock, ServerToken, Token, utcnow
+from tokensvc.watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -518,6 +519,27 @@ class TokenManager:
         metrics.server_forgotten(server_id)
 
     # watching -------------------------------------------------------------
+
+    def watch(
+        self,
+        server_ids: Collection[str] | None = None,
+        allow: Callable[[str], bool] | None = None,
+        owner: str = "",
+    ) -> Watch:
+        """The token changes of ``server_ids`` (None: all) that ``allow`` lets
+        through, by the watch protocol (tokensvc.watch)."""
+        return Watch(self.bus, self.snapshot, server_ids, allow, owner)
+
+    def end_watches(self, owner: str) -> None:
+        """Ends the watches of one caller (revoked)."""
+        self.bus.close_owner(owner)
+
+    def watch_owners(self) -> set[str]:
+        return self.bus.owners()
+
+    def close_watches(self) -> None:
+        """Ends every watch (on shutdown: watchers reconnect elsewhere)."""
+        self.bus.close()
 
     def snapshot(self, server_ids: Collection[str] | None) -> list[Event]:
         """The current state as events, for the start of a watch stream."""

@@ -18,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from envoy.service.secret.v3 import sds_pb2, sds_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import make_url
 
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
+from tokensvc.api.sds import SecretDiscoveryServicer
 from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
+from tokensvc.consumers import ConsumerRegistry
 from tokensvc.crypto import KeyRing, load_keyring
 from tokensvc.discovery import discover
 from tokensvc.egress import Egress
@@ -36,6 +39,7 @@ from tokensvc.oauth import TokenFetcher
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
+from tokensvc.store.consumers import ConsumerStore
 from tokensvc.store.notify import Change, Listener
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2, tokensvc_pb2_grpc
@@ -48,6 +52,7 @@ STORE_CHECK_INTERVAL = 2.0
 SERVICE_NAMES = (
     tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
     tokensvc_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name,
 )
 
 
@@ -104,6 +109,8 @@ class Service:
     _metrics: metrics.MetricsListener | None = field(default=None, init=False)
     auth: Authenticator | None = field(default=None, init=False)
     audit: AuditLog | None = field(default=None, init=False)
+    # Which Envoy node holds which secret version (Envoy SDS).
+    consumers: ConsumerRegistry | None = field(default=None, init=False)
 
     async def start(self) -> int:
         try:
@@ -193,6 +200,9 @@ class Service:
                 self.manager.resync,
             )
             self._listener.start()
+        shared = ConsumerStore(self.store.engine) if self.store.shared else None
+        self.consumers = ConsumerRegistry(shared, origin, self.clock)
+        self.consumers.start()
         tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
             TokenServicer(self.manager, self.auth, self.audit), server
         )
@@ -204,8 +214,15 @@ class Service:
                 self.fetcher.fetch,
                 self.auth,
                 access,
+                self.consumers,
                 assertions,
                 self.clock,
+            ),
+            server,
+        )
+        sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(
+            SecretDiscoveryServicer(
+                self.manager, self.auth, self.audit, self.consumers.local, self.clock
             ),
             server,
         )
@@ -256,8 +273,8 @@ class Service:
             await self.manager.apply(change)
             return
         await self.auth.load()
-        for owner in self.manager.bus.owners() - self.auth.caller_ids:
-            self.manager.bus.close_owner(owner)  # revoked elsewhere: its streams end here too
+        for owner in self.manager.watch_owners() - self.auth.caller_ids:
+            self.manager.end_watches(owner)  # revoked elsewhere: its streams end here too
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None
@@ -309,7 +326,7 @@ class Service:
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
         if self.manager is not None:
-            self.manager.bus.close()  # watch streams end with OK; clients reconnect
+            self.manager.close_watches()  # watch streams end with OK; clients reconnect
         if self._server is not None:
             await self._server.stop(self.settings.grace_period if grace is None else grace)
             self._server = None
@@ -322,6 +339,9 @@ class Service:
         if self.audit is not None:
             await self.audit.stop()
             self.audit = None
+        if self.consumers is not None:
+            await self.consumers.stop()
+            self.consumers = None
         if self.fetcher is not None:
             await self.fetcher.aclose()
             self.fetcher = None

@@ -22,6 +22,7 @@ from tokensvc.api.convert import (
 from tokensvc.api.errors import Context, handles_errors
 from tokensvc.assertions import AssertionDir
 from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key, typed_identity
+from tokensvc.consumers import ConsumerRegistry
 from tokensvc.discovery import discover, needs_discovery
 from tokensvc.egress import Egress
 from tokensvc.errors import InvalidArgument
@@ -53,9 +54,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         fetch: Fetch,
         auth: Authenticator,
         access: AccessStore,
+        consumers: ConsumerRegistry,
         assertions: AssertionDir | None = None,
         clock: Clock = utcnow,
     ) -> None:
+        self._consumers = consumers
         self._assertions = assertions
         self._auth = auth
         self._access = access
@@ -151,7 +154,9 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:
         await self._auth.require(context, Role.ADMIN)
         validate_server_id(request.id)
-        return server_to_proto(await self._store.get_server(request.id))
+        record = await self._store.get_server(request.id)
+        consumers = await self._consumers.of([request.id])
+        return server_to_proto(record, consumers[request.id])
 
     @handles_errors
     async def ListServers(
@@ -168,8 +173,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         more = len(records) > size
         records = records[:size]
         next_token = _encode_page_token(records[-1].spec.id) if more else ""
+        consumers = await self._consumers.of([r.spec.id for r in records])
         return pb.ListServersResponse(
-            servers=[server_to_proto(r) for r in records], next_page_token=next_token
+            servers=[server_to_proto(r, consumers[r.spec.id]) for r in records],
+            next_page_token=next_token,
         )
 
     @handles_errors
@@ -219,7 +226,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             raise InvalidArgument("id", f"no caller with id {request.id[:40]!r}: see ListCallers")
         await self._auth.load()
         await self._store.announce("callers")
-        self._manager.bus.close_owner(revoked.id)
+        self._manager.end_watches(revoked.id)
         await self._store.audit(
             caller.actor, "caller_revoke", None, caller_id=revoked.id, name=revoked.name
         )

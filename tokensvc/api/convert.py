@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
@@ -22,6 +23,7 @@ from tokensvc.registration import (
     ServerSpec,
     sorted_params,
 )
+from tokensvc.sds import Consumer
 from tokensvc.store import ServerRecord, ServerStatus
 from tokensvc.store.access import AuditEvent, CallerRecord
 from tokensvc.token import Secret, ServerToken
@@ -167,7 +169,18 @@ def credential_info_to_proto(info: CredentialInfo | None) -> pb.CredentialInfo |
     )
 
 
-def server_to_proto(record: ServerRecord) -> pb.Server:
+def consumer_to_proto(consumer: Consumer) -> pb.SdsConsumer:
+    return pb.SdsConsumer(
+        node_id=consumer.node.id,
+        cluster=consumer.node.cluster,
+        acked_version=consumer.acked_version,
+        acked_time=timestamp(consumer.acked_at),
+        nack_error=consumer.nack_error,
+        nack_time=timestamp(consumer.nacked_at),
+    )
+
+
+def server_to_proto(record: ServerRecord, consumers: Iterable[Consumer] = ()) -> pb.Server:
     spec, status = record.spec, record.status
     out = pb.Server(
         id=spec.id,
@@ -202,6 +215,7 @@ def server_to_proto(record: ServerRecord) -> pb.Server:
             forced_refresh_time=timestamp(status.forced_refresh_time),
             warning=_warning(status),
         ),
+        sds_consumers=[consumer_to_proto(c) for c in consumers],
     )
     if record.discovery is not None:
         found = record.discovery

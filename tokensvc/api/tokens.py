@@ -15,8 +15,8 @@ from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
+from tokensvc.watch import MAX_WATCHED, CallerRevoked, Synced
 
-MAX_WATCHED = 1000
 HEX = frozenset("0123456789abcdefABCDEF")
 
 
@@ -64,44 +64,19 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                 _visible(caller, server_id)
         except TokenSvcError as exc:
             await abort(context, exc)
-        bus = self._manager.bus
-        # Subscribe before taking the snapshot, so that no change falls between.
-        subscription = bus.subscribe(server_ids or None, caller.may_see, caller.id)
-        sent: dict[str, int] = {}  # newest token version sent, per server
-        sequence = 0
-        try:
-            snapshot = [
-                event
-                for event in self._manager.snapshot(server_ids or None)
-                if caller.may_see(event.server_id)
-            ]
-            for event in snapshot:
-                sequence += 1
-                if isinstance(event, TokenIssued):
-                    sent[event.server_id] = event.token.version
-                    self._issued(caller, event)
-                metrics.watch_event_sent(type(event).__name__)
-                yield event_to_proto(event, sequence)
-            sequence += 1
-            metrics.watch_event_sent("Synced")
-            yield synced(sequence)
-            while batch := await subscription.next_batch():
-                for event in batch:
-                    if isinstance(event, TokenIssued):
-                        if event.token.version <= sent.get(event.server_id, 0):
-                            continue  # already sent in the snapshot
-                        sent[event.server_id] = event.token.version
-                        self._issued(caller, event)
-                    else:
-                        sent.pop(event.server_id, None)
-                    sequence += 1
-                    metrics.watch_event_sent(type(event).__name__)
-                    yield event_to_proto(event, sequence)
-            if caller.id and caller.id not in self._auth.caller_ids:
+        async for update in self._manager.watch(server_ids, caller.may_see, caller.id):
+            event = update.event
+            if isinstance(event, CallerRevoked):
                 # Ended because the caller was revoked: say so, unlike a shutdown.
                 await abort(context, Unauthenticated(f"caller {caller.name!r} was revoked"))
-        finally:
-            bus.unsubscribe(subscription)
+            if isinstance(event, Synced):
+                metrics.watch_event_sent("Synced")
+                yield synced(update.sequence)
+                continue
+            if isinstance(event, TokenIssued):
+                self._issued(caller, event)
+            metrics.watch_event_sent(type(event).__name__)
+            yield event_to_proto(event, update.sequence)
 
     def _issued(self, caller: Caller, event: TokenIssued) -> None:
         self._audit.issued(caller, event.server_id, event.token.version, via="watch")

@@ -134,3 +134,23 @@ callers = Table(
     Column("last_used_time", UTCDateTime),
     Column("revoke_time", UTCDateTime),
 )
+
+# Envoy nodes holding a server's secret over SDS, written by the replica each
+# is connected to, so that every replica's GetServer shows them all. A row
+# whose replica stopped refreshing seen_time is stale and ignored.
+sds_consumers = Table(
+    "sds_consumers",
+    metadata,
+    Column("stream_id", String(32), primary_key=True),
+    Column("server_id", String(63), primary_key=True),
+    Column("replica", String(200), nullable=False),
+    Column("node_id", Text, nullable=False),
+    Column("cluster", Text, nullable=False),
+    Column("acked_version", String(64), nullable=False),
+    Column("acked_time", UTCDateTime),
+    Column("nack_error", Text, nullable=False),
+    Column("nack_time", UTCDateTime),
+    Column("seen_time", UTCDateTime, nullable=False),
+    Index("ix_sds_consumers_server", "server_id"),
+    Index("ix_sds_consumers_replica", "replica"),
+)

@@ -316,7 +316,7 @@ class TestStep(_message.Message):
     def __init__(self, name: _Optional[str] = ..., ok: _Optional[bool] = ..., detail: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reason: _Optional[str] = ..., error: _Optional[str] = ..., http_status: _Optional[int] = ..., tool_count: _Optional[int] = ...) -> None: ...
 
 class Server(_message.Message):
-    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "key_id", "signing_alg", "assertion_audience", "grant_type", "credential_set", "revision", "create_time", "update_time", "status", "discovery", "effective_auth_method", "previous_credential_set", "credential_in_use", "credential")
+    __slots__ = ("id", "mcp_url", "token_endpoint", "issuer", "client_id", "auth_method", "scopes", "resource", "audience", "extra_token_params", "refresh_fraction", "key_id", "signing_alg", "assertion_audience", "grant_type", "credential_set", "revision", "create_time", "update_time", "status", "discovery", "effective_auth_method", "previous_credential_set", "credential_in_use", "credential", "sds_consumers")
     class ExtraTokenParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +349,7 @@ class Server(_message.Message):
     PREVIOUS_CREDENTIAL_SET_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_IN_USE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    SDS_CONSUMERS_FIELD_NUMBER: _ClassVar[int]
     id: str
     mcp_url: str
     token_endpoint: str
@@ -374,7 +375,8 @@ class Server(_message.Message):
     previous_credential_set: bool
     credential_in_use: str
     credential: CredentialInfo
-    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., key_id: _Optional[str] = ..., signing_alg: _Optional[str] = ..., assertion_audience: _Optional[_Union[AssertionAudience, str]] = ..., grant_type: _Optional[_Union[GrantType, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., effective_auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., previous_credential_set: _Optional[bool] = ..., credential_in_use: _Optional[str] = ..., credential: _Optional[_Union[CredentialInfo, _Mapping]] = ...) -> None: ...
+    sds_consumers: _containers.RepeatedCompositeFieldContainer[SdsConsumer]
+    def __init__(self, id: _Optional[str] = ..., mcp_url: _Optional[str] = ..., token_endpoint: _Optional[str] = ..., issuer: _Optional[str] = ..., client_id: _Optional[str] = ..., auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., scopes: _Optional[_Iterable[str]] = ..., resource: _Optional[str] = ..., audience: _Optional[str] = ..., extra_token_params: _Optional[_Mapping[str, str]] = ..., refresh_fraction: _Optional[float] = ..., key_id: _Optional[str] = ..., signing_alg: _Optional[str] = ..., assertion_audience: _Optional[_Union[AssertionAudience, str]] = ..., grant_type: _Optional[_Union[GrantType, str]] = ..., credential_set: _Optional[bool] = ..., revision: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., status: _Optional[_Union[TokenStatus, _Mapping]] = ..., discovery: _Optional[_Union[Discovery, _Mapping]] = ..., effective_auth_method: _Optional[_Union[ClientAuthMethod, str]] = ..., previous_credential_set: _Optional[bool] = ..., credential_in_use: _Optional[str] = ..., credential: _Optional[_Union[CredentialInfo, _Mapping]] = ..., sds_consumers: _Optional[_Iterable[_Union[SdsConsumer, _Mapping]]] = ...) -> None: ...
 
 class CredentialInfo(_message.Message):
     __slots__ = ("kind", "expire_time", "certificate_subject", "assertion_file")
@@ -387,6 +389,22 @@ class CredentialInfo(_message.Message):
     certificate_subject: str
     assertion_file: str
     def __init__(self, kind: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_subject: _Optional[str] = ..., assertion_file: _Optional[str] = ...) -> None: ...
+
+class SdsConsumer(_message.Message):
+    __slots__ = ("node_id", "cluster", "acked_version", "acked_time", "nack_error", "nack_time")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    ACKED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACKED_TIME_FIELD_NUMBER: _ClassVar[int]
+    NACK_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NACK_TIME_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    cluster: str
+    acked_version: str
+    acked_time: _timestamp_pb2.Timestamp
+    nack_error: str
+    nack_time: _timestamp_pb2.Timestamp
+    def __init__(self, node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., acked_version: _Optional[str] = ..., acked_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., nack_error: _Optional[str] = ..., nack_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TokenStatus(_message.Message):
     __slots__ = ("expires_at", "last_fetch_time", "next_refresh_time", "last_error", "token_version", "rejected_versions", "forced_refresh_time", "warning")
