@@ -282,6 +282,12 @@ def validate_credential(
         check_private_key(value, spec.signing_alg)
     elif kind is CredentialKind.CLIENT_CERTIFICATE:
         client_cert.parse(value)
+        if spec.token_endpoint.lower().startswith("http://"):
+            raise InvalidArgument(
+                "server.token_endpoint",
+                "is plain http, but a client_certificate is presented only in a TLS "
+                "handshake (RFC 8705): give the https endpoint",
+            )
     else:
         (assertions or AssertionDir(None)).check_name(value)
     if spec.grant_type is GrantType.JWT_BEARER:
