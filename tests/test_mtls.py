@@ -182,7 +182,7 @@ async def test_a_certificate_is_never_sent_over_plain_http(pki: dict[str, Any]) 
         token_endpoint="http://127.0.0.1:9/token",
         client_id=TLS_CLIENT,
     )
-    with pytest.raises(InvalidArgument, match=r"server\.token_endpoint: is plain http"):
+    with pytest.raises(InvalidArgument, match=r"server\.token_endpoint: .* is plain http"):
         validate_credential(certificate(pki["client"]), plain)
     fetcher = TokenFetcher()  # a discovered http endpoint is refused at the request
     try:
@@ -190,6 +190,34 @@ async def test_a_certificate_is_never_sent_over_plain_http(pki: dict[str, Any]) 
             await fetcher.fetch(plain, certificate(pki["client"]))
     finally:
         await fetcher.aclose()
+
+
+async def test_a_certificate_for_a_discovered_plain_http_endpoint_is_refused_at_registration(
+    pki: dict[str, Any], tmp_path: Path
+) -> None:
+    issued: Issued = pki["client"]
+    async with (
+        AuthServer() as plain,  # http on loopback: allowed for secrets, not for certificates
+        running_service(tmp_path / "data", plain, run_scheduler=False) as tokensvc,
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await tokensvc.admin.RegisterServer(
+                pb.RegisterServerRequest(
+                    server=pb.Server(
+                        id="plain",
+                        mcp_url="http://127.0.0.1:9/mcp",
+                        issuer=plain.issuer,
+                        client_id="c",
+                    ),
+                    client_certificate=pb.ClientCertificate(
+                        certificate_pem=issued.cert_pem.decode(),
+                        private_key_pem=issued.key_pem.decode(),
+                    ),
+                )
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(refused.value).metadata["field"] == "server.issuer"
+    assert "is plain http" in (refused.value.details() or "")
 
 
 # --- trust for a private CA ----------------------------------------------------------
