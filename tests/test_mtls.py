@@ -47,7 +47,7 @@ from tokensvc.registration import (
 from tokensvc.token import Secret
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from certs import CertificateAuthority, Issued, self_signed
+from certs import CertificateAuthority, Issued, expired, self_signed
 from oidc import OidcProvider, secret_client, self_signed_client, tls_client
 from support import error_info, running_service
 
@@ -218,6 +218,22 @@ async def test_a_certificate_for_a_discovered_plain_http_endpoint_is_refused_at_
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(refused.value).metadata["field"] == "server.issuer"
     assert "is plain http" in (refused.value.details() or "")
+
+
+async def test_an_expired_certificate_is_not_presented(pki: dict[str, Any], tmp_path: Path) -> None:
+    stale = expired(CertificateAuthority(tmp_path / "ca"), "stale")
+    server = ServerSpec(
+        id="stale",
+        mcp_url="https://127.0.0.1:9/mcp",
+        token_endpoint="https://127.0.0.1:9/token",  # nothing listens: nothing may be sent
+        client_id=TLS_CLIENT,
+    )
+    fetcher = TokenFetcher()
+    try:
+        with pytest.raises(CredentialsRejected, match="client certificate expired at .* renewed"):
+            await fetcher.fetch(server, certificate(stale))
+    finally:
+        await fetcher.aclose()
 
 
 # --- trust for a private CA ----------------------------------------------------------
