@@ -11,6 +11,7 @@ ProtectedMCPServer, which checks it against the provider's signing key.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import stat
@@ -22,10 +23,10 @@ import grpc
 import httpx2
 import pytest
 import pytest_asyncio
-from test_interop import whoami
+from test_interop import header_and_claims, whoami
 from test_secrets import forms
 
-from tokensvc import logs
+from tokensvc import egress, logs
 from tokensvc.client_cert import bundle
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
@@ -173,6 +174,34 @@ async def test_a_wrong_certificate_is_refused_and_never_rides_on_the_right_ones_
         await fetcher.fetch(server, certificate(pki[wrong]))
     assert (refused.value.oauth.error, refused.value.oauth.status_code) == ("invalid_client", 401)
     assert await fetcher.fetch(server, certificate(pki[right]))
+
+
+async def test_concurrent_requests_with_certificates_evicting_each_other_get_their_own_tokens(
+    provider: OidcProvider,
+    mcp: ProtectedMCPServer,
+    pki: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pool slot for two certificates: each request evicts the other's
+    pool while its requests are in flight. None may fail, none may get the
+    other client's token, and no retired pool is left open."""
+    monkeypatch.setattr(egress, "MAX_POOLS", 1)
+    fetcher = TokenFetcher(Egress(ca_file=pki["server_ca"].path))
+    clients = [(TLS_CLIENT, "client"), (SELF_SIGNED, "self_signed")] * 40
+    try:
+        tokens = await asyncio.gather(
+            *(
+                fetcher.fetch(spec(provider, mcp, client_id=client), certificate(pki[issued]))
+                for client, issued in clients
+            )
+        )
+        pinned = fetcher._client._transport._inner
+        # Every evicted pool was closed once its last response was read.
+        assert len(pinned._pools) == 1 and pinned._retired == []
+    finally:
+        await fetcher.aclose()
+    got = [header_and_claims(token.access_token)[1]["client_id"] for token in tokens]
+    assert got == [client for client, _ in clients]
 
 
 async def test_a_certificate_is_never_sent_over_plain_http(pki: dict[str, Any]) -> None:
