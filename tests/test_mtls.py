@@ -259,7 +259,7 @@ async def test_an_expired_certificate_is_not_presented(pki: dict[str, Any], tmp_
     )
     fetcher = TokenFetcher()
     try:
-        with pytest.raises(CredentialsRejected, match="client certificate expired at .* renewed"):
+        with pytest.raises(CredentialsRejected, match=r"client certificate expired at .* renewed"):
             await fetcher.fetch(server, certificate(stale))
     finally:
         await fetcher.aclose()
