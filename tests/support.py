@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -264,6 +265,17 @@ async def running_service(
     finally:
         await channel.close()
         await service.stop(grace=1.0)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Puts the root logger's handlers and level back (for tests that call
+    logs.configure)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import ssl
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -300,15 +300,6 @@ async def test_a_private_ca_is_refused_until_outbound_ca_file_names_it_and_its_c
 
 
 # --- through tokensvc: what an admin and a broker do ----------------------------------
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_logging")

@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -32,6 +31,7 @@ PRIVATE_KEY = (
     .decode()
 )
 WRONG_SECRET = "wrong-Secret:+%ü-9c2e"
+pytestmark = pytest.mark.usefixtures("restore_logging")  # tests configure the root logger
 
 
 def forms(value: str) -> list[bytes]:
@@ -50,15 +50,6 @@ def forms(value: str) -> list[bytes]:
         base64.b64encode(raw),
         base64.urlsafe_b64encode(raw).rstrip(b"="),
     ]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(

@@ -505,11 +505,6 @@ class Egress:
         self._transport = transport
         self._client: httpx2.AsyncClient | None = None
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS trust of every outbound connection: the system's CAs and
-        those of ``ca_file``, as it is now (see outbound_tls)."""
-        return self.trust.context()
-
     def transport(self) -> httpx2.AsyncBaseTransport:
         """A new pinned, size-capped transport (its caller closes it). A
         request whose extensions carry CLIENT_CERTIFICATE presents it."""
