@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import stat
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ from tokensvc.errors import (
     TokenRequestRejected,
 )
 from tokensvc.oauth import TokenFetcher
+from tokensvc.outbound_tls import OutboundTrust
 from tokensvc.registration import (
     AuthMethod,
     Credential,
@@ -263,6 +265,24 @@ async def test_an_expired_certificate_is_not_presented(pki: dict[str, Any], tmp_
             await fetcher.fetch(server, certificate(stale))
     finally:
         await fetcher.aclose()
+
+
+async def test_the_client_key_is_loaded_from_a_memory_file_closed_at_once(
+    pki: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[int] = []
+    memfd_create = os.memfd_create
+
+    def recording(name: str, flags: int = 0) -> int:
+        opened.append(memfd_create(name, flags))
+        return opened[-1]
+
+    monkeypatch.setattr(os, "memfd_create", recording)
+    issued: Issued = pki["client"]
+    OutboundTrust().client_context(issued.cert_pem.decode(), issued.key_pem.decode())
+    assert len(opened) == 1
+    with pytest.raises(OSError):  # closed: nothing of the key is left behind
+        os.fstat(opened[0])
 
 
 # --- trust for a private CA ----------------------------------------------------------
