@@ -349,12 +349,15 @@ class _Pinned(httpx2.AsyncBaseTransport):
         )
 
     async def _lease(self, scheme: str, certificate: ClientCertificate | None) -> _Pool:
+        # No await until the pool is counted in flight: concurrent requests
+        # must not evict (and close) a pool between its choice and its use.
         trust = self._egress.trust
         trust.context()  # looks at the CA file
+        closable: list[_Pool] = []
         if trust.generation != self._generation:
             self._generation = trust.generation
-            for stale in list(self._pools):
-                await self._retire(stale)
+            while self._pools:
+                closable += self._retire(next(iter(self._pools)))
         key = (scheme, _digest(certificate))
         pool = self._pools.get(key)
         if pool is None:
@@ -364,19 +367,22 @@ class _Pinned(httpx2.AsyncBaseTransport):
                 else trust.context()
             )
             pool = self._pools[key] = _Pool(self._egress.pool(scheme, context))
-            while len(self._pools) > MAX_POOLS:
-                await self._retire(next(iter(self._pools)))
         self._pools.move_to_end(key)
         pool.in_flight += 1
+        while len(self._pools) > MAX_POOLS:  # the least recently used go
+            closable += self._retire(next(iter(self._pools)))
+        for idle in closable:
+            await idle.transport.aclose()
         return pool
 
-    async def _retire(self, key: tuple[str, bytes]) -> None:
+    def _retire(self, key: tuple[str, bytes]) -> list[_Pool]:
+        """Takes a pool out of use; returns it if nothing reads from it (to close now)."""
         pool = self._pools.pop(key)
         pool.retired = True
         if pool.in_flight:
             self._retired.append(pool)
-        else:
-            await pool.transport.aclose()
+            return []
+        return [pool]
 
     async def _release(self, pool: _Pool) -> None:
         pool.in_flight -= 1
