@@ -24,8 +24,6 @@ import grpc
 import httpx2
 import pytest
 import pytest_asyncio
-from test_interop import header_and_claims, whoami
-from test_secrets import forms
 
 from tokensvc import egress, logs
 from tokensvc.client_cert import bundle
@@ -52,7 +50,7 @@ from tokensvc.v1 import tokensvc_pb2 as pb
 
 from certs import CertificateAuthority, Issued, expired, self_signed
 from oidc import OidcProvider, secret_client, self_signed_client, tls_client
-from support import error_info, running_service
+from support import error_info, forms, header_and_claims, running_service, whoami
 
 TLS_CLIENT, SELF_SIGNED, SECRET_CLIENT = "tls-client", "self-signed-client", "secret-client"
 SUBJECT = "CN=tokensvc-broker"
