@@ -64,6 +64,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pki")
     server_ca = CertificateAuthority(root / "server-ca", "private server CA")
     client_ca = CertificateAuthority(root / "client-ca", "client CA")
+    unrelated_ca = CertificateAuthority(root / "unrelated", "unrelated CA")
     return {
         "server_ca": server_ca,
         "server": server_ca.server(),
@@ -72,7 +73,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "stranger": client_ca.client("stranger", common_name="someone-else"),
         "self_signed": self_signed(root / "alone", "robot"),
         "other_self_signed": self_signed(root / "alone", "impostor"),
-        "unrelated_ca": CertificateAuthority(root / "unrelated", "unrelated CA"),
+        "unrelated_ca": unrelated_ca,
+        # The right subject from a CA the provider does not trust.
+        "forged": unrelated_ca.client("forged", common_name="tokensvc-broker"),
     }
 
 
@@ -155,7 +158,11 @@ async def test_the_certificate_authenticates_the_client_and_the_mcp_server_accep
 
 @pytest.mark.parametrize(
     ("client_id", "right", "wrong"),
-    [(TLS_CLIENT, "client", "stranger"), (SELF_SIGNED, "self_signed", "other_self_signed")],
+    [
+        (TLS_CLIENT, "client", "stranger"),
+        (TLS_CLIENT, "client", "forged"),
+        (SELF_SIGNED, "self_signed", "other_self_signed"),
+    ],
 )
 async def test_a_wrong_certificate_is_refused_and_never_rides_on_the_right_ones_connection(
     provider: OidcProvider,
