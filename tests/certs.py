@@ -4,6 +4,7 @@
     server = ca.server()                          # serverAuth, SANs 127.0.0.1 + localhost
     client = ca.client("team-a", spiffe_id="spiffe://example.org/broker/team-a")
     stale = expired(ca, "old")                    # clientAuth, not_after one day ago
+    alone = self_signed(tmp_path / "ss", "bot")   # clientAuth, its own issuer (RFC 8705 2.2)
     wrong = CertificateAuthority(tmp_path / "other", "unrelated CA")  # a "wrong CA"
 
 Every call writes PEM files into the authority's directory (``ca.pem``,
@@ -224,4 +225,32 @@ def expired(ca: CertificateAuthority, name: str, *, spiffe_id: str | None = None
         spiffe_id=spiffe_id,
         not_before=now - timedelta(days=2),
         not_after=now - timedelta(days=1),
+    )
+
+
+def self_signed(directory: Path, name: str) -> Issued:
+    """A self-signed clientAuth certificate (RFC 8705 section 2.2), CN ``name``,
+    written as ``<name>.pem`` and ``<name>.key`` into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + DEFAULT_LIFETIME)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = _key_pem(key)
+    return Issued(
+        cert=_write(directory / f"{name}.pem", cert_pem),
+        key=_write(directory / f"{name}.key", key_pem),
+        cert_pem=cert_pem,
+        key_pem=key_pem,
     )

@@ -24,5 +24,6 @@ from support import (  # noqa: E402, F401
     key_entry,
     keyring,
     manual,
+    restore_logging,
     store,
 )

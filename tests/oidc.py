@@ -14,6 +14,7 @@ port, and waits for the one JSON line it prints once it listens. Without
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import fcntl
 import json
@@ -29,6 +30,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Self
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt
@@ -139,6 +141,40 @@ def key_client(client_id: str, key: ClientKey, *, scope: str = "read write") -> 
         "token_endpoint_auth_method": "private_key_jwt",
         "token_endpoint_auth_signing_alg": key.alg,
         "jwks": {"keys": [key.public_jwk]},
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "scope": scope,
+    }
+
+
+def tls_client(client_id: str, subject_dn: str, *, scope: str = "read write") -> dict[str, Any]:
+    """An RFC 8705 section 2.1 client: a certificate that the provider's
+    client_ca signed, with this subject (one CN, e.g. ``CN=broker``)."""
+    return {
+        "client_id": client_id,
+        "token_endpoint_auth_method": "tls_client_auth",
+        "tls_client_auth_subject_dn": subject_dn,
+        "grant_types": ["client_credentials"],
+        "response_types": [],
+        "scope": scope,
+    }
+
+
+def self_signed_client(
+    client_id: str, cert_pem: bytes, *, scope: str = "read write"
+) -> dict[str, Any]:
+    """An RFC 8705 section 2.2 client: the self-signed certificate's public key
+    and the certificate itself (x5c) registered in its jwks."""
+    certificate = x509.load_pem_x509_certificate(cert_pem)
+    public = certificate.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    jwk = dict(ECKey.import_key(public).as_dict(private=False))
+    jwk["x5c"] = [base64.b64encode(certificate.public_bytes(serialization.Encoding.DER)).decode()]
+    return {
+        "client_id": client_id,
+        "token_endpoint_auth_method": "self_signed_tls_client_auth",
+        "jwks": {"keys": [jwk]},
         "grant_types": ["client_credentials"],
         "response_types": [],
         "scope": scope,

@@ -4,24 +4,32 @@ database per test), key rings, stores."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
+import json
+import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import asyncpg
 import grpc
 import httpcore2
+import httpx2
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
+from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.egress import Egress, UrlPolicy, is_loopback
 from tokensvc.server import Service
 from tokensvc.settings import Settings
@@ -278,6 +286,17 @@ async def running_service(
 
 
 @pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Puts the root logger's handlers and level back (for tests that call
+    logs.configure)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture
 async def auth() -> AsyncIterator[AuthServer]:
     async with AuthServer() as server:
         server.add_client(CLIENT_ID, SECRET, scopes=("read", "write"))
@@ -300,8 +319,6 @@ async def manual(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
 async def mcp_initialize(url: str, access_token: str | None = None) -> tuple[int, str]:
     """The status and body an MCP endpoint answers to an initialize request,
     with this bearer token (or none of ours: through Envoy, which adds it)."""
-    import httpx2
-
     body = {
         "jsonrpc": "2.0",
         "id": 1,
@@ -327,8 +344,6 @@ async def bearer_call(url: str, access_token: str) -> int:
 
 async def scrape(port: int) -> str:
     """The Prometheus text of a service's metrics listener."""
-    import httpx2
-
     async with httpx2.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{port}/metrics")
     assert response.status_code == 200, response.status_code
@@ -398,3 +413,55 @@ class Watcher:
     async def close(self) -> None:
         self.call.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+# --- what tests look for and look with ----------------------------------------------
+
+
+def forms(value: str) -> list[bytes]:
+    """The ways a value could appear on disk, in a log or a metric: raw, UTF-8,
+    escaped, base64 (as in a Basic header or a JWT)."""
+    raw = value.encode()
+    return [
+        raw,
+        value.encode("unicode_escape"),
+        quote(value).encode(),
+        quote_plus(value).encode(),
+        repr(value).encode(),
+        base64.b64encode(raw),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
+    ]
+
+
+def decode_part(part: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    return decoded
+
+
+def header_and_claims(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    header, payload, _ = token.split(".")
+    return decode_part(header), decode_part(payload)
+
+
+class Bearer(httpx2.Auth):
+    """The smallest useful ``httpx2.Auth``: one fixed bearer token on every request."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def auth_flow(
+        self, request: httpx2.Request
+    ) -> Generator[httpx2.Request, httpx2.Response, None]:
+        request.headers["Authorization"] = f"Bearer {self.token}"
+        yield request
+
+
+async def whoami(mcp: ProtectedMCPServer, token: str) -> dict[str, Any]:
+    """Calls the whoami tool with the official MCP SDK client, carrying ``token``."""
+    async with (
+        httpx2.AsyncClient(auth=Bearer(token)) as http,
+        Client(streamable_http_client(mcp.url, http_client=http), mode="legacy") as client,
+    ):
+        result = await client.call_tool("whoami", {})
+    assert not result.is_error and result.structured_content is not None
+    return dict(result.structured_content)

@@ -10,8 +10,7 @@ RS256 signature against the provider's JWKS, its issuer, audience and expiry.
 from __future__ import annotations
 
 import base64
-import json
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,6 @@ from urllib.parse import quote_plus
 
 import httpx2
 import pytest
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
@@ -37,7 +34,7 @@ from oidc import (
     key_client,
     secret_client,
 )
-from support import running_service
+from support import header_and_claims, running_service, whoami
 
 TTL = 60  # seconds, the provider's client_credentials token lifetime
 # oidc-provider takes printable ASCII secrets only (no "é"); these characters
@@ -92,38 +89,6 @@ async def post_token(
             data={"grant_type": "client_credentials", **form},
             headers=headers,
         )
-
-
-def decode_part(part: str) -> dict[str, Any]:
-    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
-    return decoded
-
-
-def header_and_claims(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    header, payload, _ = token.split(".")
-    return decode_part(header), decode_part(payload)
-
-
-class Bearer(httpx2.Auth):
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def auth_flow(
-        self, request: httpx2.Request
-    ) -> Generator[httpx2.Request, httpx2.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        yield request
-
-
-async def whoami(mcp: ProtectedMCPServer, token: str) -> dict[str, Any]:
-    """Calls the whoami tool with the official MCP SDK client, carrying ``token``."""
-    async with (
-        httpx2.AsyncClient(auth=Bearer(token)) as http,
-        Client(streamable_http_client(mcp.url, http_client=http), mode="legacy") as client,
-    ):
-        result = await client.call_tool("whoami", {})
-    assert not result.is_error and result.structured_content is not None
-    return dict(result.structured_content)
 
 
 async def initialize_status(mcp: ProtectedMCPServer, token: str) -> int:

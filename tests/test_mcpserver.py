@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import httpx2
@@ -23,6 +23,8 @@ from mcp_types import INTERNAL_ERROR
 
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
+
+from support import Bearer
 
 CLIENT_ID, SECRET = "mcp-broker", "s3cret"
 INITIALIZE = {
@@ -46,19 +48,6 @@ class Clock:
 
     def __call__(self) -> float:
         return time.time() if self.now is None else self.now
-
-
-class Bearer(httpx2.Auth):
-    """The smallest useful ``httpx2.Auth``: one fixed bearer token on every request."""
-
-    def __init__(self, token: str) -> None:
-        self.token = token
-
-    def auth_flow(
-        self, request: httpx2.Request
-    ) -> Generator[httpx2.Request, httpx2.Response, None]:
-        request.headers["Authorization"] = f"Bearer {self.token}"
-        yield request
 
 
 @pytest.fixture

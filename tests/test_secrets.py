@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -20,7 +19,7 @@ from tokensvc import logs
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, Watcher, running_service, scrape
+from support import CLIENT_ID, SECRET, Watcher, forms, running_service, scrape
 
 PRIVATE_KEY = (
     rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -32,33 +31,7 @@ PRIVATE_KEY = (
     .decode()
 )
 WRONG_SECRET = "wrong-Secret:+%ü-9c2e"
-
-
-def forms(value: str) -> list[bytes]:
-    """The ways a value could appear on disk, in a log or a metric: raw, UTF-8,
-    escaped, base64 (as in a Basic header or a JWT)."""
-    import base64
-    from urllib.parse import quote, quote_plus
-
-    raw = value.encode()
-    return [
-        raw,
-        value.encode("unicode_escape"),
-        quote(value).encode(),
-        quote_plus(value).encode(),
-        repr(value).encode(),
-        base64.b64encode(raw),
-        base64.urlsafe_b64encode(raw).rstrip(b"="),
-    ]
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_logging")  # tests configure the root logger
 
 
 async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(

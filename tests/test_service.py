@@ -204,6 +204,11 @@ async def test_a_config_file_and_the_environment_are_read_with_flags_winning(
         ({"TOKENSVC_ALLOW_INSECURE_HTTP": "maybe"}, "allow_insecure_http"),
         ({"TOKENSVC_METRICS_LISTEN": "9464"}, "metrics_listen '9464' is not host:port"),
         ({"TOKENSVC_METRICS_PER_SERVER": "some"}, "metrics_per_server"),
+        (
+            {"TOKENSVC_OUTBOUND_CA_FILE": "/nonexistent/ca.pem"},
+            "outbound_ca_file: .* cannot be read",
+        ),
+        ({"TOKENSVC_OUTBOUND_CA_FILE": __file__}, "outbound_ca_file: .* holds no PEM certificates"),
     ],
 )
 def test_bad_settings_are_refused_before_binding(environ: dict[str, str], message: str) -> None:

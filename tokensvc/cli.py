@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of platform-issued JWTs that registrations may name as assertion_file "
         "(a projected service-account token volume, SPIFFE JWT-SVIDs)",
     )
+    serve.add_argument(
+        "--outbound-ca-file",
+        help="PEM CA certificates to trust for token endpoints and discovery, on top of the "
+        "system's (a private CA); re-read when the file changes",
+    )
     serve.add_argument("--grace-period", type=float, help="seconds to drain calls on shutdown")
     serve.add_argument("--tls-cert", help="PEM certificate (chain): serve TLS")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")

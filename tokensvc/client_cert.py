@@ -11,7 +11,7 @@ kind TLS can use.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -34,7 +34,7 @@ class ClientCertificate:
     are what a TLS context loads."""
 
     chain_pem: str
-    key_pem: str
+    key_pem: str = field(repr=False)
     subject: str
     not_after: datetime
 

@@ -18,29 +18,36 @@ refused IPv4 address. Plain http goes only to loopback addresses (whatever the
 name), unless ``allow_insecure_http``. Operators may refuse more networks
 (private ranges, say) and carve exceptions out of those with ``allow``.
 
-One place, :meth:`Egress.ssl_context`, builds the TLS trust, and one,
-:meth:`Egress.transport`, the transport: more trust anchors or a client
-certificate per request (RFC 8705) belong there.
+TLS trust (the system's CAs and the operator's ``outbound_ca_file``, re-read
+when it changes) and client certificates (RFC 8705) are built in
+outbound_tls.py; :meth:`Egress.transport` keeps a connection pool per client
+certificate presented, each behind the same address policy and pinning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import ipaddress
 import re
 import socket
 import ssl
 import unicodedata
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpcore2
 import httpx2
 
+from tokensvc.client_cert import ClientCertificate
 from tokensvc.errors import HostNotResolved, InvalidArgument
+from tokensvc.outbound_tls import OutboundTrust
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -48,10 +55,15 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 # What callers of this module need of httpx2, so that they need not import it.
+Request = httpx2.Request
 Response = httpx2.Response
 HTTPError = httpx2.HTTPError
 
 MAX_URL = 2048
+# Connection pools per transport: one per scheme and client certificate in use.
+MAX_POOLS = 64
+# The request extension that carries the ClientCertificate to present (RFC 8705).
+CLIENT_CERTIFICATE = "tokensvc.client_certificate"
 MAX_REDIRECTS = 3
 RESOLVE_TIMEOUT = 5.0
 # Cloud metadata and platform services. The link-local ones are refused as
@@ -293,22 +305,125 @@ class _PinnedBackend(httpcore2.AsyncNetworkBackend):
         await self._inner.sleep(seconds)
 
 
-class _Pinned(httpx2.AsyncBaseTransport):
-    """One connection pool per scheme, each behind a pinned backend (http and
-    https differ in policy: plain http goes to loopback only)."""
+@dataclass(eq=False)
+class _Pool:
+    transport: httpx2.AsyncHTTPTransport
+    in_flight: int = 0
+    retired: bool = False
 
-    def __init__(self, pools: dict[str, httpx2.AsyncHTTPTransport]) -> None:
-        self._pools = pools
+
+class _Pinned(httpx2.AsyncBaseTransport):
+    """Connection pools behind pinned backends, one per scheme (http and https
+    differ in policy: plain http goes to loopback only) and, for https, per
+    client certificate presented (RFC 8705): a TLS context holds one
+    certificate, and a connection made with one must not serve another's
+    request. Pools made with older trust (the CA file changed) or evicted
+    from the bounded cache are retired: closed once no response still reads
+    from them."""
+
+    def __init__(self, egress: Egress) -> None:
+        self._egress = egress
+        self._pools: OrderedDict[tuple[str, bytes], _Pool] = OrderedDict()
+        self._retired: list[_Pool] = []
+        self._generation = -1
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        pool = self._pools.get(request.url.scheme)
-        if pool is None:
+        scheme = request.url.scheme
+        certificate = request.extensions.get(CLIENT_CERTIFICATE)
+        if scheme not in ("http", "https"):
             raise InvalidArgument("url", "must be an http(s) URL")
-        return await pool.handle_async_request(request)
+        if certificate is not None and scheme != "https":
+            raise InvalidArgument("url", "must be https to present a client certificate")
+        pool = await self._lease(scheme, certificate)
+        try:
+            response = await pool.transport.handle_async_request(request)
+        except BaseException:
+            await self._release(pool)
+            raise
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        return httpx2.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Releasing(response.stream, functools.partial(self._release, pool)),
+            extensions=response.extensions,
+        )
+
+    async def _lease(self, scheme: str, certificate: ClientCertificate | None) -> _Pool:
+        # No await until the pool is counted in flight: concurrent requests
+        # must not evict (and close) a pool between its choice and its use.
+        trust = self._egress.trust
+        trust.context()  # looks at the CA file
+        closable: list[_Pool] = []
+        if trust.generation != self._generation:
+            self._generation = trust.generation
+            while self._pools:
+                closable += self._retire(next(iter(self._pools)))
+        key = (scheme, _digest(certificate))
+        pool = self._pools.get(key)
+        if pool is None:
+            context = (
+                trust.client_context(certificate.chain_pem, certificate.key_pem)
+                if certificate is not None
+                else trust.context()
+            )
+            pool = self._pools[key] = _Pool(self._egress.pool(scheme, context))
+        self._pools.move_to_end(key)
+        pool.in_flight += 1
+        while len(self._pools) > MAX_POOLS:  # the least recently used go
+            closable += self._retire(next(iter(self._pools)))
+        for idle in closable:
+            await idle.transport.aclose()
+        return pool
+
+    def _retire(self, key: tuple[str, bytes]) -> list[_Pool]:
+        """Takes a pool out of use; returns it if nothing reads from it (to close now)."""
+        pool = self._pools.pop(key)
+        pool.retired = True
+        if pool.in_flight:
+            self._retired.append(pool)
+            return []
+        return [pool]
+
+    async def _release(self, pool: _Pool) -> None:
+        pool.in_flight -= 1
+        if pool.retired and not pool.in_flight:
+            self._retired.remove(pool)
+            await pool.transport.aclose()
 
     async def aclose(self) -> None:
-        for pool in self._pools.values():
-            await pool.aclose()
+        pools = [*self._pools.values(), *self._retired]
+        self._pools.clear()
+        self._retired.clear()
+        for pool in pools:
+            await pool.transport.aclose()
+
+
+def _digest(certificate: ClientCertificate | None) -> bytes:
+    if certificate is None:
+        return b""
+    return hashlib.sha256(f"{certificate.chain_pem}\0{certificate.key_pem}".encode()).digest()
+
+
+class _Releasing(httpx2.AsyncByteStream):
+    """A response stream that gives its pool back once, when closed."""
+
+    def __init__(
+        self, inner: httpx2.AsyncByteStream, release: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._inner, self._release = inner, release
+        self._released = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if not self._released:
+                self._released = True
+                await self._release()
 
 
 class ResponseRefused(Exception):
@@ -372,7 +487,8 @@ class Egress:
 
     ``network`` is the backend that really connects (tests wrap it to record
     every address connected to); ``transport`` replaces the whole pinned
-    transport (tests of response parsing only).
+    transport (tests of response parsing only); ``ca_file`` adds CAs to the
+    system's (``outbound_ca_file``). ValueError: ``ca_file`` is not usable.
     """
 
     def __init__(
@@ -384,8 +500,10 @@ class Egress:
         user_agent: str = "tokensvc",
         network: httpcore2.AsyncNetworkBackend | None = None,
         transport: httpx2.AsyncBaseTransport | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.policy = policy or UrlPolicy()
+        self.trust = OutboundTrust(ca_file)
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self.user_agent = user_agent
@@ -393,26 +511,23 @@ class Egress:
         self._transport = transport
         self._client: httpx2.AsyncClient | None = None
 
-    def ssl_context(self) -> ssl.SSLContext:
-        """The TLS trust of every outbound connection (the system's CAs)."""
-        return httpx2.create_ssl_context(trust_env=False)
-
     def transport(self) -> httpx2.AsyncBaseTransport:
-        """A new pinned, size-capped transport (its caller closes it)."""
+        """A new pinned, size-capped transport (its caller closes it). A
+        request whose extensions carry CLIENT_CERTIFICATE presents it."""
         if self._transport is not None:
             return _SizeLimited(self._transport, self.max_response_bytes)
-        context = self.ssl_context()
-        pools = {}
-        for scheme in ("http", "https"):
-            pool = httpx2.AsyncHTTPTransport(verify=context, trust_env=False)
-            # httpx2 has no parameter for the network backend: its pool is
-            # rebuilt with ours, the same settings otherwise.
-            pool._pool = httpcore2.AsyncConnectionPool(
-                ssl_context=context,
-                network_backend=_PinnedBackend(self.policy, scheme, self._network),
-            )
-            pools[scheme] = pool
-        return _SizeLimited(_Pinned(pools), self.max_response_bytes)
+        return _SizeLimited(_Pinned(self), self.max_response_bytes)
+
+    def pool(self, scheme: str, context: ssl.SSLContext) -> httpx2.AsyncHTTPTransport:
+        """One connection pool for ``scheme`` behind the pinned backend."""
+        pool = httpx2.AsyncHTTPTransport(verify=context, trust_env=False)
+        # httpx2 has no parameter for the network backend: its pool is
+        # rebuilt with ours, the same settings otherwise.
+        pool._pool = httpcore2.AsyncConnectionPool(
+            ssl_context=context,
+            network_backend=_PinnedBackend(self.policy, scheme, self._network),
+        )
+        return pool
 
     def client(self, headers: dict[str, str] | None = None, **options: Any) -> httpx2.AsyncClient:
         """An httpx2 client over a new egress transport (see client_options)."""
@@ -463,13 +578,30 @@ class Egress:
         except ResponseRefused as exc:
             failure = exc.reason
         except Exception as exc:  # httpx2 and h11 errors: their kind, never their text
-            failure = words(type(exc).__name__)
+            failure = failure_words(exc)
         raise InvalidArgument(field_name, f"{url[:200]} could not be fetched: {failure}")
 
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def failure_words(exc: BaseException) -> str:
+    """What failed, in words that hold no foreign text; a server certificate
+    that the trust refuses is named as such, with the fix."""
+    cause: BaseException | None = exc
+    for _ in range(10):  # the chain is short; never loop on a cycle
+        if cause is None:
+            break
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            why = str(cause.verify_message or "verification failed")[:80]
+            return (
+                f"its TLS certificate is not trusted ({why}): if a private CA signed it, "
+                "give that CA in outbound_ca_file"
+            )
+        cause = cause.__cause__ or cause.__context__
+    return words(type(exc).__name__)
 
 
 def words(name: str) -> str:

@@ -25,15 +25,25 @@ import base64
 import json
 import math
 import re
+from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
-from urllib.parse import quote, quote_plus, urlencode
+from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
 
+from tokensvc import client_cert
 from tokensvc.assertions import AssertionDir, AssertionUnusable
-from tokensvc.egress import Egress, HTTPError, Response, ResponseRefused, words
+from tokensvc.egress import (
+    CLIENT_CERTIFICATE,
+    Egress,
+    HTTPError,
+    Request,
+    Response,
+    ResponseRefused,
+    failure_words,
+)
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -129,7 +139,9 @@ class TokenFetcher:
             )
         grant = {"grant_type": spec.grant_type.value or "client_credentials"}
         if credential.kind is CredentialKind.CLIENT_CERTIFICATE:
-            raise TokenRequestRejected("mutual-TLS client authentication is not wired yet")
+            # RFC 8705 section 2: the TLS handshake authenticates the client;
+            # the body names it. Nothing secret travels in the request.
+            return _CertificateAuth(spec, credential), "", grant
         if credential.kind is CredentialKind.ASSERTION_FILE:
             secret = self._platform_assertion(credential.value.reveal())
             if spec.grant_type is GrantType.JWT_BEARER:
@@ -196,7 +208,7 @@ class TokenFetcher:
         except ResponseRefused as exc:
             return InvalidTokenResponse(exc.reason, OAuthErrorFields(status_code=exc.status))
         except HTTPError as exc:
-            return _unreachable(words(type(exc).__name__))
+            return _unreachable(failure_words(exc))
         except Exception as exc:  # authlib and h11 have more; none may escape raw.
             return _unreachable(f"unexpected {type(exc).__name__}")
 
@@ -204,6 +216,31 @@ class TokenFetcher:
         await self._client.aclose()
         if self._own_egress:
             await self._egress.aclose()
+
+
+class _CertificateAuth(OAuth2ClientAuth):  # type: ignore[misc]  # authlib is untyped
+    """``client_id`` in the body, and the client certificate handed to the
+    transport (egress keeps a connection pool per certificate)."""
+
+    def __init__(self, spec: ServerSpec, credential: Credential) -> None:
+        if urlsplit(spec.token_endpoint).scheme != "https":
+            raise TokenRequestRejected(
+                "token request not sent: server.token_endpoint is not https, and a client "
+                "certificate is presented only in a TLS handshake (RFC 8705)"
+            )
+        try:
+            self.certificate = client_cert.parse(credential.value.reveal())
+        except InvalidArgument as exc:
+            why = exc.message.removeprefix(f"{exc.field}: ")
+            raise CredentialsRejected(
+                f"the client certificate {why}; register a renewed certificate and key "
+                "(no token request was sent)"
+            ) from None
+        super().__init__(spec.client_id, None, auth_method=_body_auth())
+
+    def auth_flow(self, request: Request) -> Generator[Request, Response, None]:
+        request.extensions = {**request.extensions, CLIENT_CERTIFICATE: self.certificate}
+        yield from super().auth_flow(request)
 
 
 class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped

@@ -282,6 +282,7 @@ def validate_credential(
         check_private_key(value, spec.signing_alg)
     elif kind is CredentialKind.CLIENT_CERTIFICATE:
         client_cert.parse(value)
+        check_certificate_endpoint(kind, spec.token_endpoint)
     else:
         (assertions or AssertionDir(None)).check_name(value)
     if spec.grant_type is GrantType.JWT_BEARER:
@@ -308,6 +309,19 @@ def validate_credential(
             f"(a {kind.value.replace('_', ' ')} serves {', '.join(m.value for m in fitting)})",
         )
     return credential
+
+
+def check_certificate_endpoint(
+    kind: CredentialKind, token_endpoint: str, field_name: str = "server.token_endpoint"
+) -> None:
+    """A client certificate is presented only in a TLS handshake (RFC 8705):
+    never to a plain http token endpoint, given or discovered."""
+    if kind is CredentialKind.CLIENT_CERTIFICATE and token_endpoint.lower().startswith("http://"):
+        raise InvalidArgument(
+            field_name,
+            f"{token_endpoint[:200]} is plain http, but a client_certificate is presented "
+            "only in a TLS handshake (RFC 8705): use an https token endpoint",
+        )
 
 
 def choose_auth_method(

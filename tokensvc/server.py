@@ -134,6 +134,7 @@ class Service:
                 timeout=settings.http_timeout,
                 max_response_bytes=settings.max_response_bytes,
                 user_agent=f"tokensvc/{__version__} ({self.replica_id})",
+                ca_file=settings.outbound_ca_file,
             )
         policy = self.egress.policy
         if self.fetcher is None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tokensvc.egress import UrlPolicy, parse_networks
 from tokensvc.errors import ConfigurationError
+from tokensvc.outbound_tls import read_ca_file
 from tokensvc.policy import RefreshPolicy
 from tokensvc.token import DEFAULT_MIN_VALID_FOR
 
@@ -42,6 +43,9 @@ class Settings:
     # registrations may name as their assertion_file. None: such registrations
     # are refused.
     assertion_dir: Path | None = None
+    # PEM CA certificates trusted for outbound TLS (token endpoints, discovery,
+    # TestServer) on top of the system's; re-read when the file changes.
+    outbound_ca_file: Path | None = None
     http_timeout: float = 10.0
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
@@ -160,6 +164,11 @@ class Settings:
             raise ConfigurationError("tls_client_ca (mTLS) needs tls_cert and tls_key too")
         if self.assertion_dir is not None and not Path(self.assertion_dir).is_dir():
             raise ConfigurationError(f"assertion_dir: {self.assertion_dir} is not a directory")
+        if self.outbound_ca_file is not None:
+            try:
+                read_ca_file(self.outbound_ca_file)
+            except ValueError as exc:
+                raise ConfigurationError(f"outbound_ca_file: {exc}") from None
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():

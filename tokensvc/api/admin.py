@@ -23,12 +23,13 @@ from tokensvc.api.errors import Context, handles_errors
 from tokensvc.assertions import AssertionDir
 from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key, typed_identity
 from tokensvc.consumers import ConsumerRegistry
-from tokensvc.discovery import discover, needs_discovery
+from tokensvc.discovery import complete, discover, needs_discovery
 from tokensvc.egress import Egress
 from tokensvc.errors import InvalidArgument
 from tokensvc.manager import Fetch, TokenManager
 from tokensvc.probe import probe
 from tokensvc.registration import (
+    check_certificate_endpoint,
     validate_credential,
     validate_server_id,
     validate_spec,
@@ -86,6 +87,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         found = None
         if needs_discovery(spec):
             found = await discover(spec, self._get, self._url_policy)
+            if credential is not None:
+                endpoint = complete(spec, credential.kind, found).token_endpoint
+                where = "server.issuer" if spec.issuer else "server.mcp_url"
+                check_certificate_endpoint(credential.kind, endpoint, where)
         if request.keep_previous_credential and request.drop_previous_credential:
             raise InvalidArgument(
                 "keep_previous_credential", "cannot be set together with drop_previous_credential"
