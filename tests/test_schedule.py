@@ -23,6 +23,7 @@ from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.policy import MIN_REFRESH_INTERVAL, RefreshPolicy
 from tokensvc.registration import Credential, CredentialKind, ServerSpec
+from tokensvc.registry import Registry
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.token import Secret
 
@@ -95,8 +96,10 @@ def test_a_refused_credential_waits_much_longer_and_never_retries_at_once() -> N
 class World:
     """A manager over a real store and a real authorization server, on a fake clock."""
 
-    def __init__(self, manager: TokenManager, auth: AuthServer, clock: FakeClock) -> None:
-        self.manager, self.auth, self.clock = manager, auth, clock
+    def __init__(
+        self, manager: TokenManager, registry: Registry, auth: AuthServer, clock: FakeClock
+    ) -> None:
+        self.manager, self.registry, self.auth, self.clock = manager, registry, auth, clock
         self.events: Subscription = manager.bus.subscribe()
 
     async def register(self, server_id: str = "alpha", secret: str = SECRET) -> None:
@@ -107,8 +110,7 @@ class World:
             client_id=CLIENT_ID,
         )
         credential = Credential(CredentialKind.CLIENT_SECRET, Secret(secret))
-        result = await self.manager._store.register(spec, credential)
-        self.manager.registered(result.record, result.revised)
+        await self.registry.register(spec, credential, actor="test")
 
     async def tick(self, seconds: float) -> list[str]:
         self.clock.advance(seconds)
@@ -126,14 +128,15 @@ async def world(tmp_path: Path, auth: AuthServer) -> AsyncIterator[World]:
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
     await migrate.upgrade(engine)
     store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
-    fetcher = TokenFetcher(Egress(timeout=0.5), clock=clock)
+    egress = Egress(timeout=0.5)
+    fetcher = TokenFetcher(egress, clock=clock)
     manager = TokenManager(
         store, fetcher.fetch, clock=clock, policy=RefreshPolicy(jitter=0), rng=random.Random(0)
     )
     await manager.start(run_scheduler=False)
     auth.behaviour.lifetime = 100
     try:
-        yield World(manager, auth, clock)
+        yield World(manager, Registry(store, manager, egress, fetcher.fetch), auth, clock)
     finally:
         await manager.stop()
         await fetcher.aclose()

@@ -95,6 +95,14 @@ MTLS_METHODS = frozenset({AuthMethod.TLS_CLIENT_AUTH, AuthMethod.SELF_SIGNED_TLS
 WIRE_NAMES = {AuthMethod.FEDERATED_ASSERTION: "private_key_jwt"}
 
 
+class PreviousCredential(StrEnum):
+    """What a registration that replaces the credential does with the old one."""
+
+    UNCHANGED = ""  # a kept fallback stays until the next credential change
+    KEEP = "keep"  # keep the replaced credential as a fallback
+    DROP = "drop"  # drop a kept fallback now
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     kind: CredentialKind

@@ -36,6 +36,7 @@ from tokensvc.egress import Egress
 from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
+from tokensvc.registry import Callers, Registry
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
@@ -208,15 +209,16 @@ class Service:
         )
         tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
-                self.store,
-                self.manager,
-                self.egress,
-                self.fetcher.fetch,
+                Registry(self.store, self.manager, self.egress, self.fetcher.fetch, assertions),
+                Callers(
+                    access,
+                    self.store,
+                    reload=self.auth.load,
+                    end_watches=self.manager.end_watches,
+                    clock=self.clock,
+                ),
                 self.auth,
-                access,
                 self.consumers,
-                assertions,
-                self.clock,
             ),
             server,
         )

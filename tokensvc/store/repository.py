@@ -40,6 +40,7 @@ from tokensvc.registration import (
     CredentialInfo,
     CredentialKind,
     GrantType,
+    PreviousCredential,
     ServerSpec,
     sorted_params,
 )
@@ -436,11 +437,11 @@ class Store:
         expected_revision: int = 0,
         actor: str = "",
         discovery: Discovery | None = None,
-        previous: str = "",
+        previous: PreviousCredential = PreviousCredential.UNCHANGED,
     ) -> Registration:
         """Creates or replaces the server. ``revised`` says whether its revision
-        changed (then its stored token was dropped). ``previous``: "keep" the
-        credential a new one replaces as a fallback, or "drop" the kept one."""
+        changed (then its stored token was dropped). ``previous``: KEEP the
+        credential a new one replaces as a fallback, or DROP the kept one."""
         args = (spec, credential, expected_revision, actor, discovery, previous)
         try:
             return await self._register(*args)
@@ -455,7 +456,7 @@ class Store:
         expected_revision: int,
         actor: str,
         discovery: Discovery | None,
-        previous: str,
+        previous: PreviousCredential,
     ) -> Registration:
         now = self.clock()
         found = discovery.to_json() if discovery is not None else None
@@ -502,8 +503,8 @@ class Store:
                     fields.append("credential")
                 if Discovery.from_json(row.discovery) != discovery:
                     fields.append("discovery")
-                if (previous == "keep" and "credential" in fields) or (
-                    previous == "drop" and row.previous_credential_ct is not None
+                if (previous is PreviousCredential.KEEP and "credential" in fields) or (
+                    previous is PreviousCredential.DROP and row.previous_credential_ct is not None
                 ):
                     fields.append("previous_credential")
                 changed = bool(fields)
@@ -523,7 +524,7 @@ class Store:
                         values["credential_ct"] = self._seal_credential(spec.id, credential)
                         values["credential_info"] = CredentialInfo.of(credential).to_json()
                         values["credential_in_use"] = ""
-                        if previous == "keep" and row.credential_ct is not None:
+                        if previous is PreviousCredential.KEEP and row.credential_ct is not None:
                             old = self._open_credential(
                                 spec.id, row.credential_kind, row.credential_ct
                             )
