@@ -187,6 +187,53 @@ class ServerSpec:
 NON_REVISION_FIELDS = frozenset({"refresh_fraction", "previous_credential"})
 
 
+@dataclass(frozen=True, slots=True)
+class RevisionPlan:
+    """What a registration changes in a stored server."""
+
+    fields: tuple[str, ...]  # what changed, as audited
+    keep_old_credential: bool  # store the replaced credential as the fallback
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.fields)
+
+    @property
+    def revised(self) -> bool:
+        """The revision moves: tokens fetched before are void."""
+        return any(name not in NON_REVISION_FIELDS for name in self.fields)
+
+    @property
+    def drops_previous(self) -> bool:
+        """A stored fallback is dropped (unless the old credential replaces it)."""
+        return "previous_credential" in self.fields
+
+
+def plan_revision(
+    old: ServerSpec,
+    new: ServerSpec,
+    *,
+    credential_changed: bool,
+    discovery_changed: bool,
+    holds_previous: bool,
+    previous: PreviousCredential,
+) -> RevisionPlan:
+    """The revision rules: which fields changed, and whether the revision moves.
+
+    Any change a token is fetched with, the credential's included, moves it;
+    ``refresh_fraction`` and the fallback credential do not.
+    """
+    fields = [name for name in ServerSpec.__slots__ if getattr(old, name) != getattr(new, name)]
+    if credential_changed:
+        fields.append("credential")
+    if discovery_changed:
+        fields.append("discovery")
+    keep = previous is PreviousCredential.KEEP and credential_changed
+    if keep or (previous is PreviousCredential.DROP and holds_previous):
+        fields.append("previous_credential")
+    return RevisionPlan(tuple(fields), keep)
+
+
 def sorted_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(params.items()))
 
