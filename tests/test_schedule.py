@@ -19,6 +19,7 @@ from tokensvc.errors import (
     OAuthErrorFields,
 )
 from tokensvc.events import FetchFailed, Subscription, TokenIssued, TokenRevoked
+from tokensvc.fallbacks import Fetch
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.policy import MIN_REFRESH_INTERVAL, RefreshPolicy
@@ -97,10 +98,14 @@ class World:
     """A manager over a real store and a real authorization server, on a fake clock."""
 
     def __init__(
-        self, manager: TokenManager, registry: Registry, auth: AuthServer, clock: FakeClock
+        self, store: Store, fetch: Fetch, egress: Egress, auth: AuthServer, clock: FakeClock
     ) -> None:
-        self.manager, self.registry, self.auth, self.clock = manager, registry, auth, clock
-        self.events: Subscription = manager.bus.subscribe()
+        self.store, self.fetch, self.auth, self.clock = store, fetch, auth, clock
+        self.manager = TokenManager(
+            store, fetch, clock=clock, policy=RefreshPolicy(jitter=0), rng=random.Random(0)
+        )
+        self.registry = Registry(store, self.manager, egress, fetch)
+        self.events: Subscription = self.manager.bus.subscribe()
 
     async def register(self, server_id: str = "alpha", secret: str = SECRET) -> None:
         spec = ServerSpec(
@@ -130,15 +135,13 @@ async def world(tmp_path: Path, auth: AuthServer) -> AsyncIterator[World]:
     store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
     egress = Egress(timeout=0.5)
     fetcher = TokenFetcher(egress, clock=clock)
-    manager = TokenManager(
-        store, fetcher.fetch, clock=clock, policy=RefreshPolicy(jitter=0), rng=random.Random(0)
-    )
-    await manager.start(run_scheduler=False)
+    world = World(store, fetcher.fetch, egress, auth, clock)
+    await world.manager.start(run_scheduler=False)
     auth.behaviour.lifetime = 100
     try:
-        yield World(manager, Registry(store, manager, egress, fetcher.fetch), auth, clock)
+        yield world
     finally:
-        await manager.stop()
+        await world.manager.stop()
         await fetcher.aclose()
         await store.close()
 
@@ -239,7 +242,7 @@ async def test_a_restart_reschedules_stored_tokens_without_fetching(
 ) -> None:
     await world.register()
     await world.tick(0)
-    fresh = TokenManager(world.manager._store, world.manager._fetch, clock=world.clock)
+    fresh = TokenManager(world.store, world.fetch, clock=world.clock)
     await fresh.start(run_scheduler=False)
     try:
         held = fresh.cached("alpha")

@@ -17,7 +17,8 @@ from tokensvc.auth import Role, check_patterns, key_hash, new_key, typed_identit
 from tokensvc.discovery import discover, needs_discovery
 from tokensvc.egress import Egress
 from tokensvc.errors import InvalidArgument
-from tokensvc.manager import Fetch, TokenManager
+from tokensvc.fallbacks import Fetch
+from tokensvc.manager import TokenManager
 from tokensvc.probe import Step, probe
 from tokensvc.registration import (
     Credential,
@@ -29,6 +30,7 @@ from tokensvc.registration import (
 )
 from tokensvc.store import ServerRecord, Store
 from tokensvc.store.access import AccessStore, AuditEvent, CallerRecord
+from tokensvc.store.notify import ChangeKind
 from tokensvc.token import Clock, utcnow
 
 log = logging.getLogger(__name__)
@@ -204,7 +206,7 @@ class Callers:
     async def _changed(self) -> None:
         if self._reload is not None:
             await self._reload()
-        await self._store.announce("callers")
+        await self._store.announce(ChangeKind.CALLERS)
 
     async def all(self) -> list[CallerRecord]:
         return await self._access.list_callers()

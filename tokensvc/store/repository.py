@@ -34,6 +34,7 @@ from tokensvc.registration import (
     ServerSpec,
     plan_revision,
 )
+from tokensvc.store.notify import ChangeKind
 from tokensvc.store.records import (
     FetchContext,
     Registration,
@@ -210,7 +211,7 @@ class Store(KeyRotation):
                     )
                 )
                 await self._audit(conn, actor, "create", spec.id, revision=1)
-                await self._announce(conn, "registered", spec.id, 1, revised=True)
+                await self._announce(conn, ChangeKind.REGISTERED, spec.id, 1, revised=True)
                 changed = revised = True
             else:
                 plan = plan_revision(
@@ -229,7 +230,7 @@ class Store(KeyRotation):
                     await self._audit(
                         conn, actor, "update", spec.id, revision=revision, changed=plan.fields
                     )
-                    await self._announce(conn, "registered", spec.id, revision, revised)
+                    await self._announce(conn, ChangeKind.REGISTERED, spec.id, revision, revised)
             row = (await conn.execute(_select_servers().where(servers.c.id == spec.id))).one()
         return Registration(record_of(row), revised, changed)
 
@@ -281,7 +282,7 @@ class Store(KeyRotation):
             if result.rowcount == 0:
                 raise ServerNotFound(server_id)
             await self._audit(conn, actor, "delete", server_id)
-            await self._announce(conn, "removed", server_id)
+            await self._announce(conn, ChangeKind.REMOVED, server_id)
 
     async def save_token(
         self,
@@ -340,7 +341,7 @@ class Store(KeyRotation):
                     expires_at=token.expires_at,
                 )
             )
-            await self._announce(conn, "token", server_id, version)
+            await self._announce(conn, ChangeKind.TOKEN, server_id, version)
         return ServerToken(server_id, token, version, revision)
 
     async def set_discovery(
@@ -373,4 +374,4 @@ class Store(KeyRotation):
                     next_refresh_time=next_attempt,
                 )
             )
-            await self._announce(conn, "failed", server_id, revision)
+            await self._announce(conn, ChangeKind.FAILED, server_id, revision)

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tokensvc.crypto import KeyRing, associated_data
 from tokensvc.errors import StoreUnavailable
 from tokensvc.registration import Credential, CredentialKind
-from tokensvc.store.notify import CHANNEL, Change
+from tokensvc.store.notify import CHANNEL, Change, ChangeKind
 from tokensvc.store.records import audit_row
 from tokensvc.store.tables import audit_events
 from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
@@ -81,7 +81,7 @@ class Rows:
     async def _announce(
         self,
         conn: AsyncConnection,
-        kind: str,
+        kind: ChangeKind,
         server_id: str,
         number: int = 0,
         revised: bool = False,
@@ -94,7 +94,7 @@ class Rows:
                 {"channel": CHANNEL, "payload": change.payload()},
             )
 
-    async def announce(self, kind: str, server_id: str = "") -> None:
+    async def announce(self, kind: ChangeKind, server_id: str = "") -> None:
         """Tells the other replicas of a change that has no row of its own here."""
         if self.shared:
             async with self._tx() as conn:
