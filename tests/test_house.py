@@ -7,6 +7,7 @@ servicer over 30 (the generated stubs in tokensvc/v1 aside).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tokensvc"
@@ -70,3 +71,41 @@ def test_the_limits_see_the_servicers() -> None:
         if isinstance(node, ast.ClassDef) and is_servicer(node)
     }
     assert {"AdminServicer", "TokenServicer", "SecretDiscoveryServicer"} <= found
+
+
+def test_settings_is_the_one_reader_of_the_environment() -> None:
+    readers = [
+        str(p.relative_to(PACKAGE))
+        for p in modules()
+        if ("os.environ" in (text := p.read_text()) or "getenv(" in text)
+        and p.relative_to(PACKAGE).parts[0] not in ("settings.py", "bench")
+    ]
+    assert readers == []
+
+
+def wire_errors() -> set[tuple[str, str]]:
+    """(status, reason) of every error a caller can receive."""
+    from tokensvc import errors
+
+    pairs, pending = set(), [errors.TokenSvcError]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls in (errors.FetchError, errors.TransientFetchError):
+            continue  # bases: a caller receives one of their subclasses
+        code = errors.grpc_status_of(cls.__new__(cls))
+        if code.name != "INTERNAL":
+            pairs.add((code.name, cls.reason))
+    return pairs
+
+
+def test_the_error_reasons_agree_in_the_code_the_proto_and_the_readme() -> None:
+    root = PACKAGE.parent
+    proto = (root / "protos/tokensvc/v1/tokensvc.proto").read_text()
+    readme = (root / "README.md").read_text()
+    in_proto = set(re.findall(r"^//   ([A-Z_]+) +([A-Z_]+) ", proto, re.M))
+    in_readme = set(re.findall(r"^\| `([A-Z_]+)` \| `([A-Z_]+)` \|", readme, re.M))
+    expected = wire_errors()
+    assert ("ABORTED", "REGISTRATION_CHANGED") in expected  # the walk finds them
+    assert in_proto == expected
+    assert in_readme == expected
