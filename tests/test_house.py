@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "tokensvc"
 MAX_MODULE, MAX_CLASS, MAX_RPC = 450, 300, 30
 # Over the limits still, to be split; nothing may be added here.
-PENDING = {"egress.py", "metrics.py"}
+PENDING = {"egress.py"}  # another change is reworking it
 
 
 def modules() -> list[Path]:

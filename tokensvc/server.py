@@ -37,6 +37,7 @@ from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.registry import Callers, Registry
+from tokensvc.rpc_metrics import RpcMetrics
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
@@ -158,7 +159,7 @@ class Service:
         metrics.configure(per_server=settings.metrics_per_server)
         server = grpc.aio.server(
             # Timing every call costs a little: only when someone collects the figures.
-            interceptors=[metrics.RpcMetrics()] if settings.metrics_listen else [],
+            interceptors=[RpcMetrics()] if settings.metrics_listen else [],
             options=[
                 ("grpc.max_receive_message_length", 1 << 20),
                 # Two processes on one port would split the calls between them.
