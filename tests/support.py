@@ -117,16 +117,33 @@ async def eventually(done: Callable[[], bool | Awaitable[bool]]) -> None:
 
 
 class FakeClock:
-    """An injected clock that moves only when told to."""
+    """The one injected clock of the tests: it moves only when told to.
 
-    def __init__(self) -> None:
-        self.now = utcnow()
+    ``FakeClock(T0)`` starts at T0, ``FakeClock()`` at the real now, and
+    ``FakeClock(real_until_moved=True)`` reads real time until a test sets
+    ``now`` or advances it. ``timestamp`` is the float view (seconds since the
+    epoch) for code that counts time as ``time.time`` does.
+    """
+
+    def __init__(self, now: datetime | None = None, *, real_until_moved: bool = False) -> None:
+        self._now = None if real_until_moved else (now or utcnow())
+
+    @property
+    def now(self) -> datetime:
+        return utcnow() if self._now is None else self._now
+
+    @now.setter
+    def now(self, value: datetime) -> None:
+        self._now = value
 
     def __call__(self) -> datetime:
         return self.now
 
     def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+        self.now = self.now + timedelta(seconds=seconds)
+
+    def timestamp(self) -> float:
+        return self.now.timestamp()
 
 
 # --- outbound requests: a scripted resolver, and a record of every connect -------

@@ -231,16 +231,6 @@ async def test_a_new_secret_revokes_the_held_token_and_deleting_the_server_drops
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-class MCPClock:
-    """The MCP server's clock: real time until the test moves it."""
-
-    def __init__(self) -> None:
-        self.now: float | None = None
-
-    def __call__(self) -> float:
-        return time.time() if self.now is None else self.now
-
-
 async def test_token_auth_sends_the_token_and_recovers_from_a_401_with_exactly_one_new_token(
     harness: Harness, auth: AuthServer
 ) -> None:
@@ -253,8 +243,10 @@ async def test_token_auth_sends_the_token_and_recovers_from_a_401_with_exactly_o
     timing, and the injected clock only ever makes the MCP server stricter than
     the SDK's own check against real time."""
     auth.behaviour.lifetime = 60
-    clock = MCPClock()
-    async with ProtectedMCPServer(issuer=auth.issuer, jwks_uri=auth.jwks_uri, clock=clock) as mcp:
+    clock = FakeClock(real_until_moved=True)
+    async with ProtectedMCPServer(
+        issuer=auth.issuer, jwks_uri=auth.jwks_uri, clock=clock.timestamp
+    ) as mcp:
         await harness.register("weather", mcp_url=mcp.url)  # resource, hence aud: the MCP URL
         arrivals = Arrivals()
         async with TokenClient(harness.target, ["weather"], on_token=arrivals) as tokens:
@@ -275,7 +267,7 @@ async def test_token_auth_sends_the_token_and_recovers_from_a_401_with_exactly_o
 
                 requests = auth.token_requests
                 auth.behaviour.lifetime = 3600
-                clock.now = time.time() + 120  # `first` expired (exp + leeway) for the MCP server
+                clock.advance(120)  # `first` expired (exp + leeway) for the MCP server
                 assert first.expires_at - utcnow() > timedelta(seconds=30)  # not for tokensvc
                 who = await client.call_tool("whoami", {})
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx2
@@ -24,7 +24,7 @@ from mcp_types import INTERNAL_ERROR
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 
-from support import Bearer
+from support import Bearer, FakeClock
 
 CLIENT_ID, SECRET = "mcp-broker", "s3cret"
 INITIALIZE = {
@@ -40,19 +40,9 @@ INITIALIZE = {
 MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
 
 
-class Clock:
-    """The MCP server's clock: real time until a test moves it."""
-
-    def __init__(self) -> None:
-        self.now: float | None = None
-
-    def __call__(self) -> float:
-        return time.time() if self.now is None else self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(real_until_moved=True)
 
 
 @pytest.fixture
@@ -63,8 +53,10 @@ async def auth(authserver: AuthServer) -> AuthServer:
 
 
 @pytest.fixture
-async def mcp_server(auth: AuthServer, clock: Clock) -> AsyncIterator[ProtectedMCPServer]:
-    async with ProtectedMCPServer(issuer=auth.issuer, jwks_uri=auth.jwks_uri, clock=clock) as s:
+async def mcp_server(auth: AuthServer, clock: FakeClock) -> AsyncIterator[ProtectedMCPServer]:
+    async with ProtectedMCPServer(
+        issuer=auth.issuer, jwks_uri=auth.jwks_uri, clock=clock.timestamp
+    ) as s:
         yield s
 
 
@@ -142,17 +134,17 @@ async def test_valid_token_initialize_list_and_call_tools(
 
 
 async def test_token_expires_by_the_servers_clock(
-    auth: AuthServer, mcp_server: ProtectedMCPServer, clock: Clock
+    auth: AuthServer, mcp_server: ProtectedMCPServer, clock: FakeClock
 ) -> None:
     auth.behaviour.lifetime = 60
     token = await fetch_token(auth, resource=mcp_server.url)
     exp = claims_of(token)["exp"]
 
-    clock.now = exp - 0.5
+    clock.now = datetime.fromtimestamp(exp - 0.5, UTC)
     assert (await post_initialize(mcp_server.url, token)).status_code == 200
     assert (mcp_server.accepted, mcp_server.rejected) == (1, 0)
 
-    clock.now = exp + 1  # past exp and the 1 s of leeway
+    clock.now = datetime.fromtimestamp(exp + 1, UTC)  # past exp and the 1 s of leeway
     assert_401(await post_initialize(mcp_server.url, token), mcp_server)
     assert (mcp_server.accepted, mcp_server.rejected) == (1, 1)
 

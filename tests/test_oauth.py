@@ -42,17 +42,11 @@ from tokensvc.registration import (
 )
 from tokensvc.token import Secret, Token
 
+from support import FakeClock
+
 SECRET = "pa:ss+w%rd/é€"
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 MOCK_ENDPOINT = "http://127.0.0.1:9/token"
-
-
-class FixedClock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def spec_for(token_endpoint: str, **changes: object) -> ServerSpec:
@@ -89,7 +83,7 @@ def claims_of(token: Token, server: AuthServer) -> dict[str, object]:
 
 @pytest.fixture
 async def fetcher() -> AsyncIterator[TokenFetcher]:
-    fetcher = TokenFetcher(clock=FixedClock(T0))
+    fetcher = TokenFetcher(clock=FakeClock(T0))
     yield fetcher
     await fetcher.aclose()
 
@@ -230,7 +224,7 @@ async def test_expires_in_as_a_decimal_string_counts_from_receipt(
 async def test_missing_expires_in_falls_back_to_the_jwt_exp(server: AuthServer) -> None:
     server.behaviour = Behaviour(expires_in=None, lifetime=600)
     now = datetime.now(UTC)
-    fetcher = TokenFetcher(clock=FixedClock(now))
+    fetcher = TokenFetcher(clock=FakeClock(now))
 
     try:
         token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
@@ -248,7 +242,7 @@ async def test_missing_expires_in_with_an_expired_jwt_uses_the_default_lifetime(
 ) -> None:
     server.behaviour = Behaviour(expires_in=None, lifetime=-60)
     now = datetime.now(UTC)
-    fetcher = TokenFetcher(clock=FixedClock(now), default_lifetime=timedelta(seconds=42))
+    fetcher = TokenFetcher(clock=FakeClock(now), default_lifetime=timedelta(seconds=42))
 
     try:
         token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
@@ -272,7 +266,7 @@ async def test_an_opaque_token_without_usable_expires_in_gets_the_default_lifeti
 
     token = await mock_fetch(
         lambda request: httpx2.Response(200, text=text),
-        clock=FixedClock(T0),
+        clock=FakeClock(T0),
         default_lifetime=timedelta(seconds=123),
     )
 
@@ -284,7 +278,7 @@ async def test_a_huge_expires_in_is_capped_instead_of_overflowing() -> None:
     """MockTransport: the real server cannot send an absurd lifetime."""
     body = {"access_token": "opaque", "expires_in": 1e300}
 
-    token = await mock_fetch(lambda r: httpx2.Response(200, json=body), clock=FixedClock(T0))
+    token = await mock_fetch(lambda r: httpx2.Response(200, json=body), clock=FakeClock(T0))
 
     assert timedelta(days=1) < token.lifetime <= timedelta(days=366)
 

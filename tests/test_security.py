@@ -26,11 +26,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tokensvc.audit
-from tokensvc.api.admin import create_caller
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.errors import ConfigurationError, StoreUnavailable
+from tokensvc.registry import Callers
 from tokensvc.server import keyring_for, open_store
 from tokensvc.settings import Settings
 from tokensvc.store import Store
@@ -96,15 +96,15 @@ async def bootstrap(data_dir: Path, *callers: dict[str, Any]) -> list[tuple[Call
     store = await open_store(settings, keyring_for(settings))
     made = []
     try:
+        use_case = Callers(AccessStore(store.engine), store)
         for caller in callers:
             made.append(
-                await create_caller(
-                    AccessStore(store.engine),
+                await use_case.create(
+                    actor="cli:create-caller",
                     name=caller["name"],
                     roles=caller["roles"],
-                    patterns=caller.get("patterns", ["*"]),
+                    patterns=caller.get("patterns"),
                     certificate_identity=caller.get("identity", ""),
-                    now=utcnow(),
                 ),
             )
     finally:
@@ -247,7 +247,8 @@ async def test_mtls_admits_registered_certificate_identities_and_refuses_the_res
         async with secure_channel(port, ca.pem, by_spiffe) as channel:
             admin = pb_grpc.AdminServiceStub(channel)
             listed = await admin.ListAuditEvents(pb.ListAuditEventsRequest(), timeout=TIMEOUT)
-        assert [(e.action, e.actor) for e in reversed(listed.events)] == [
+        trail = [(e.action, e.actor) for e in reversed(listed.events)]
+        assert [e for e in trail if e[0] != "caller_create"] == [
             ("create", "certificate:ops"),
             ("issue", "certificate:team-a"),
             ("issue", "certificate:team-b"),
@@ -567,19 +568,10 @@ async def test_the_last_admin_cannot_be_revoked_and_the_service_never_reopens(
 
 async def test_two_admins_revoking_each_other_at_once_leave_one(store: Store) -> None:
     access = AccessStore(store.engine)
-    made = [
-        await create_caller(
-            access,
-            name=name,
-            roles=["admin"],
-            patterns=["*"],
-            certificate_identity="",
-            now=utcnow(),
-        )
-        for name in ("a", "b")
-    ]
+    callers = Callers(access, store)
+    made = [await callers.create(actor="test", name=name, roles=["admin"]) for name in ("a", "b")]
     outcomes = await asyncio.gather(
-        *(access.revoke_caller(record.id, utcnow()) for record, _ in made),
+        *(callers.revoke(record.id, actor="test") for record, _ in made),
         return_exceptions=True,
     )
     assert sorted(type(o).__name__ for o in outcomes) == ["CallerRecord", "LastAdmin"]
@@ -595,7 +587,7 @@ async def test_a_database_whose_callers_are_all_revoked_refuses_everyone_until_t
     settings = Settings(data_dir=data_dir)
     store = await open_store(settings, keyring_for(settings))
     try:
-        assert await AccessStore(store.engine).revoke_caller(broker.id, utcnow())
+        await Callers(AccessStore(store.engine), store).revoke(broker.id, actor="test")
     finally:
         await store.close()
     async with running_service(data_dir, auth) as harness:
@@ -866,7 +858,8 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
         end = Timestamp()
         end.FromDatetime(utcnow())
 
-        every = await events()
+        *every, bootstrapped = await events()
+        assert (bootstrapped.action, bootstrapped.actor) == ("caller_create", "cli:create-caller")
         for event in reversed(every):
             print(
                 event.id,
@@ -917,7 +910,7 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
         after = await events(start_time=middle)
         assert [e.action for e in before] == actions[:7][::-1]
         assert [e.action for e in after] == ["issue"]
-        assert not await events(end_time=start)
+        assert await events(end_time=start) == [bootstrapped]
         assert sorted(e.id for e in before + after) == sorted(e.id for e in every)
 
         # Paging: two at a time, newest first, every event once.
@@ -935,7 +928,7 @@ async def test_the_audit_trail_records_who_did_what_and_never_a_secret(
             page_token = page.next_page_token
             if not page_token:
                 break
-        assert paged == [e.id for e in every] and pages == 4
+        assert paged == [e.id for e in (*every, bootstrapped)] and pages == 5
         # Paging with a filter.
         page = await admin.ListAuditEvents(
             pb.ListAuditEventsRequest(page_size=1, server_id="alpha"),

@@ -10,7 +10,13 @@ from sqlalchemy import select, update
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.errors import ConfigurationError, DecryptionError, RevisionMismatch, ServerNotFound
-from tokensvc.registration import Credential, CredentialKind, ServerSpec
+from tokensvc.registration import (
+    Credential,
+    CredentialKind,
+    PreviousCredential,
+    ServerSpec,
+    plan_revision,
+)
 from tokensvc.store import Store
 from tokensvc.store.tables import audit_events, servers, tokens
 from tokensvc.token import Secret, Token, utcnow
@@ -34,6 +40,61 @@ def secret(value: str = "s3cret-value") -> Credential:
 def token(value: str = "access-token-1", seconds: int = 60) -> Token:
     now = utcnow()
     return Token(value, "Bearer", now, now + timedelta(seconds=seconds), ("read",))
+
+
+KEEP, DROP, UNCHANGED = (
+    PreviousCredential.KEEP,
+    PreviousCredential.DROP,
+    PreviousCredential.UNCHANGED,
+)
+
+
+@pytest.mark.parametrize(
+    ("new", "credential", "discovery", "holds", "previous", "fields", "revised", "keep"),
+    [
+        (spec(), False, False, False, UNCHANGED, (), False, False),
+        (
+            spec(refresh_fraction=0.7),
+            False,
+            False,
+            False,
+            UNCHANGED,
+            ("refresh_fraction",),
+            False,
+            False,
+        ),
+        (spec(scopes=("write",)), False, False, False, UNCHANGED, ("scopes",), True, False),
+        (spec(), True, False, False, UNCHANGED, ("credential",), True, False),
+        (spec(), False, True, False, UNCHANGED, ("discovery",), True, False),
+        # keep: only when the credential changes; the fallback alone keeps the revision
+        (spec(), True, False, False, KEEP, ("credential", "previous_credential"), True, True),
+        (spec(), False, False, True, KEEP, (), False, False),
+        # drop: only a fallback that is there, and without a new revision
+        (spec(), False, False, True, DROP, ("previous_credential",), False, False),
+        (spec(), False, False, False, DROP, (), False, False),
+        (spec(), False, False, True, UNCHANGED, (), False, False),
+    ],
+)
+def test_the_revision_rules(
+    new: ServerSpec,
+    credential: bool,
+    discovery: bool,
+    holds: bool,
+    previous: PreviousCredential,
+    fields: tuple[str, ...],
+    revised: bool,
+    keep: bool,
+) -> None:
+    plan = plan_revision(
+        spec(),
+        new,
+        credential_changed=credential,
+        discovery_changed=discovery,
+        holds_previous=holds,
+        previous=previous,
+    )
+    assert (plan.fields, plan.changed, plan.revised) == (fields, bool(fields), revised)
+    assert plan.keep_old_credential is keep
 
 
 async def test_registering_the_same_server_twice_changes_nothing(store: Store) -> None:

@@ -185,10 +185,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _create_caller(settings: Settings, args: argparse.Namespace) -> None:
-    from tokensvc.api.admin import create_caller
+    from tokensvc.registry import Callers
     from tokensvc.server import keyring_for, lock_sqlite, open_store
     from tokensvc.store.access import AccessStore
-    from tokensvc.token import utcnow
 
     if settings.is_sqlite:
         # A serving process on this SQLite file would not learn of the new
@@ -198,16 +197,13 @@ async def _create_caller(settings: Settings, args: argparse.Namespace) -> None:
             os.close(lock)
     store = await open_store(settings, keyring_for(settings))
     try:
-        record, key = await create_caller(
-            AccessStore(store.engine),
+        record, key = await Callers(AccessStore(store.engine), store).create(
+            actor="cli:create-caller",
             name=args.name,
             roles=args.roles,
-            patterns=args.patterns or ["*"],
+            patterns=args.patterns,
             certificate_identity=args.certificate_identity,
-            now=utcnow(),
         )
-        await store.announce("callers")
-        await store.audit("cli:create-caller", "caller_create", None, caller_id=record.id)
     finally:
         await store.close()
     if key:

@@ -225,3 +225,19 @@ def grpc_status_of(error: TokenSvcError) -> grpc.StatusCode:
         if isinstance(error, cls):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+FETCH_ERRORS: tuple[type[FetchError], ...] = (
+    CredentialsRejected,
+    TokenRequestRejected,
+    AuthorizationServerUnavailable,
+    InvalidTokenResponse,
+    CredentialUnavailable,
+)
+
+
+def error_of(reason: str, error: str, error_description: str) -> FetchError:
+    """A recorded failure as the error it was (for watchers on other replicas)."""
+    kinds = {cls.reason: cls for cls in FETCH_ERRORS}
+    cls = kinds.get(reason, AuthorizationServerUnavailable)
+    return cls(error_description or reason, OAuthErrorFields(error, error_description))

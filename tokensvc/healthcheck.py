@@ -13,7 +13,6 @@ certificate, whatever name it was issued for); with mTLS it presents
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,18 +22,17 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokensvc.errors import ConfigurationError
-from tokensvc.settings import load
+from tokensvc.settings import healthcheck_files, load
 
 
 def _channel(target: str) -> grpc.Channel:
-    cert_file = os.environ.get("TOKENSVC_TLS_CERT")
-    if not cert_file:
+    files = healthcheck_files()
+    if not files.tls_cert:
         return grpc.insecure_channel(target)
-    pem = Path(cert_file).read_bytes()
+    pem = Path(files.tls_cert).read_bytes()
     cert = x509.load_pem_x509_certificate(pem)
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    client_cert = os.environ.get("TOKENSVC_HEALTHCHECK_CERT")
-    client_key = os.environ.get("TOKENSVC_HEALTHCHECK_KEY")
+    client_cert, client_key = files.client_cert, files.client_key
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pem,
         private_key=Path(client_key).read_bytes() if client_key else None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from tokensvc.errors import FetchError, TransientFetchError
+from tokensvc.token import Token
 
 # A token so short-lived that half its life is under this is refreshed this
 # often anyway, rather than in a tight loop.
@@ -50,6 +51,13 @@ class RefreshPolicy:
         offset = min(max(offset, 0.0), 1.0)
         when = issued_at + lifetime * offset
         return min(max(when, issued_at + MIN_REFRESH_INTERVAL), expires_at)
+
+    def replace_at(self, token: Token, fraction: float = 0.0) -> datetime:
+        """When to replace this token: the same in every replica and after a
+        restart, as the jitter is seeded by the token, so the fleet wakes
+        together and one of them refreshes while the others wait at the lock."""
+        rng = random.Random(token.sha256)
+        return self.refresh_at(token.issued_at, token.expires_at, rng, fraction)
 
     def retry_in(self, error: FetchError, failures: int, rng: random.Random) -> timedelta:
         """How long to wait after the ``failures``-th consecutive failure (1 = first)."""

@@ -19,7 +19,7 @@ from mcp.client.streamable_http import streamable_http_client
 from tokensvc.discovery import Discovery, complete, discover, needs_discovery
 from tokensvc.egress import Egress, Response
 from tokensvc.errors import FetchError, InvalidArgument
-from tokensvc.manager import Fetch
+from tokensvc.fallbacks import Fetch
 from tokensvc.registration import Credential, ServerSpec
 from tokensvc.token import Token
 

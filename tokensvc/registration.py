@@ -95,6 +95,14 @@ MTLS_METHODS = frozenset({AuthMethod.TLS_CLIENT_AUTH, AuthMethod.SELF_SIGNED_TLS
 WIRE_NAMES = {AuthMethod.FEDERATED_ASSERTION: "private_key_jwt"}
 
 
+class PreviousCredential(StrEnum):
+    """What a registration that replaces the credential does with the old one."""
+
+    UNCHANGED = ""  # a kept fallback stays until the next credential change
+    KEEP = "keep"  # keep the replaced credential as a fallback
+    DROP = "drop"  # drop a kept fallback now
+
+
 @dataclass(frozen=True, slots=True)
 class Credential:
     kind: CredentialKind
@@ -177,6 +185,53 @@ class ServerSpec:
 # Fields a token is not fetched with: changing them keeps the revision (and
 # the token). Any other change, the credential's included, bumps it.
 NON_REVISION_FIELDS = frozenset({"refresh_fraction", "previous_credential"})
+
+
+@dataclass(frozen=True, slots=True)
+class RevisionPlan:
+    """What a registration changes in a stored server."""
+
+    fields: tuple[str, ...]  # what changed, as audited
+    keep_old_credential: bool  # store the replaced credential as the fallback
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.fields)
+
+    @property
+    def revised(self) -> bool:
+        """The revision moves: tokens fetched before are void."""
+        return any(name not in NON_REVISION_FIELDS for name in self.fields)
+
+    @property
+    def drops_previous(self) -> bool:
+        """A stored fallback is dropped (unless the old credential replaces it)."""
+        return "previous_credential" in self.fields
+
+
+def plan_revision(
+    old: ServerSpec,
+    new: ServerSpec,
+    *,
+    credential_changed: bool,
+    discovery_changed: bool,
+    holds_previous: bool,
+    previous: PreviousCredential,
+) -> RevisionPlan:
+    """The revision rules: which fields changed, and whether the revision moves.
+
+    Any change a token is fetched with, the credential's included, moves it;
+    ``refresh_fraction`` and the fallback credential do not.
+    """
+    fields = [name for name in ServerSpec.__slots__ if getattr(old, name) != getattr(new, name)]
+    if credential_changed:
+        fields.append("credential")
+    if discovery_changed:
+        fields.append("discovery")
+    keep = previous is PreviousCredential.KEEP and credential_changed
+    if keep or (previous is PreviousCredential.DROP and holds_previous):
+        fields.append("previous_credential")
+    return RevisionPlan(tuple(fields), keep)
 
 
 def sorted_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

@@ -36,11 +36,13 @@ from tokensvc.egress import Egress
 from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
+from tokensvc.registry import Callers, Registry
+from tokensvc.rpc_metrics import RpcMetrics
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
 from tokensvc.store.consumers import ConsumerStore
-from tokensvc.store.notify import Change, Listener
+from tokensvc.store.notify import Change, ChangeKind, Listener
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2, tokensvc_pb2_grpc
 
@@ -158,7 +160,7 @@ class Service:
         metrics.configure(per_server=settings.metrics_per_server)
         server = grpc.aio.server(
             # Timing every call costs a little: only when someone collects the figures.
-            interceptors=[metrics.RpcMetrics()] if settings.metrics_listen else [],
+            interceptors=[RpcMetrics()] if settings.metrics_listen else [],
             options=[
                 ("grpc.max_receive_message_length", 1 << 20),
                 # Two processes on one port would split the calls between them.
@@ -198,7 +200,7 @@ class Service:
                 settings.effective_database_url,
                 origin,
                 self._apply,
-                self.manager.resync,
+                self.manager.replication.resync,
             )
             self._listener.start()
         shared = ConsumerStore(self.store.engine) if self.store.shared else None
@@ -209,15 +211,16 @@ class Service:
         )
         tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
-                self.store,
-                self.manager,
-                self.egress,
-                self.fetcher.fetch,
+                Registry(self.store, self.manager, self.egress, self.fetcher.fetch, assertions),
+                Callers(
+                    access,
+                    self.store,
+                    reload=self.auth.load,
+                    end_watches=self.manager.watches.end,
+                    clock=self.clock,
+                ),
                 self.auth,
-                access,
                 self.consumers,
-                assertions,
-                self.clock,
             ),
             server,
         )
@@ -270,12 +273,12 @@ class Service:
     async def _apply(self, change: Change) -> None:
         """A change made on another replica."""
         assert self.manager is not None and self.auth is not None
-        if change.kind != "callers":
-            await self.manager.apply(change)
+        if change.kind is not ChangeKind.CALLERS:
+            await self.manager.replication.apply(change)
             return
         await self.auth.load()
-        for owner in self.manager.watch_owners() - self.auth.caller_ids:
-            self.manager.end_watches(owner)  # revoked elsewhere: its streams end here too
+        for owner in self.manager.watches.owners() - self.auth.caller_ids:
+            self.manager.watches.end(owner)  # revoked elsewhere: its streams end here too
 
     async def _set_health(self, serving: bool) -> None:
         assert self._health is not None
@@ -309,7 +312,7 @@ class Service:
             if up:
                 log.info("database reachable again: serving")
                 with contextlib.suppress(StoreUnavailable):
-                    await self.manager.resync()
+                    await self.manager.replication.resync()
             else:
                 log.warning("database unreachable: NOT_SERVING, valid tokens served from memory")
 
@@ -327,7 +330,7 @@ class Service:
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
         if self.manager is not None:
-            self.manager.close_watches()  # watch streams end with OK; clients reconnect
+            self.manager.watches.close()  # watch streams end with OK; clients reconnect
         if self._server is not None:
             await self._server.stop(self.settings.grace_period if grace is None else grace)
             self._server = None

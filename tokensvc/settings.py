@@ -269,3 +269,30 @@ def load(
     if settings.data_dir is None:
         raise ConfigurationError("data_dir must not be empty")
     return settings.validate()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthcheckFiles:
+    """What ``python -m tokensvc.healthcheck`` presents and trusts: the server's
+    certificate (``TOKENSVC_TLS_CERT``) and, for mTLS, a client certificate and
+    key (``TOKENSVC_HEALTHCHECK_CERT``, ``TOKENSVC_HEALTHCHECK_KEY``)."""
+
+    tls_cert: str
+    client_cert: str
+    client_key: str
+
+
+def healthcheck_files(environ: Mapping[str, str] | None = None) -> HealthcheckFiles:
+    env = os.environ if environ is None else environ
+    return HealthcheckFiles(
+        env.get(ENV_PREFIX + "TLS_CERT", ""),
+        env.get(ENV_PREFIX + "HEALTHCHECK_CERT", ""),
+        env.get(ENV_PREFIX + "HEALTHCHECK_KEY", ""),
+    )
+
+
+def migrations_dir_override(environ: Mapping[str, str] | None = None) -> str:
+    """``TOKENSVC_MIGRATIONS_DIR``: the Alembic scripts somewhere else than beside
+    the package ("" if unset)."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PREFIX + "MIGRATIONS_DIR", "")

@@ -93,3 +93,31 @@ class Watch:
                 yield Update(sequence + 1, CallerRevoked())
         finally:
             self._bus.unsubscribe(subscription)
+
+
+class Watches:
+    """The watches of one token manager: opened over its bus and its snapshot."""
+
+    def __init__(self, bus: EventBus, snapshot: Snapshot) -> None:
+        self._bus = bus
+        self._snapshot = snapshot
+
+    def open(
+        self,
+        server_ids: Collection[str] | None = None,
+        allow: Callable[[str], bool] | None = None,
+        owner: str = "",
+    ) -> Watch:
+        """The token changes of ``server_ids`` (None: all) that ``allow`` lets through."""
+        return Watch(self._bus, self._snapshot, server_ids, allow, owner)
+
+    def end(self, owner: str) -> None:
+        """Ends the watches of one caller (revoked)."""
+        self._bus.close_owner(owner)
+
+    def owners(self) -> set[str]:
+        return self._bus.owners()
+
+    def close(self) -> None:
+        """Ends every watch (on shutdown: watchers reconnect elsewhere)."""
+        self._bus.close()

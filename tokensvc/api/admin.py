@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
-import secrets
-from datetime import datetime
 
 from google.protobuf.empty_pb2 import Empty
 
@@ -20,56 +17,31 @@ from tokensvc.api.convert import (
     step_to_proto,
 )
 from tokensvc.api.errors import Context, handles_errors
-from tokensvc.assertions import AssertionDir
-from tokensvc.auth import Authenticator, Role, check_patterns, key_hash, new_key, typed_identity
+from tokensvc.auth import Authenticator, Role
 from tokensvc.consumers import ConsumerRegistry
-from tokensvc.discovery import complete, discover, needs_discovery
-from tokensvc.egress import Egress
 from tokensvc.errors import InvalidArgument
-from tokensvc.manager import Fetch, TokenManager
-from tokensvc.probe import probe
-from tokensvc.registration import (
-    check_certificate_endpoint,
-    validate_credential,
-    validate_server_id,
-    validate_spec,
-)
-from tokensvc.store import Store
-from tokensvc.store.access import AccessStore, CallerRecord
-from tokensvc.token import Clock, utcnow
+from tokensvc.registry import Callers, Registry
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
 
 class AdminServicer(pb_grpc.AdminServiceServicer):
+    """Proto mapping and authorization over the use cases of tokensvc.registry."""
+
     def __init__(
         self,
-        store: Store,
-        manager: TokenManager,
-        egress: Egress,
-        fetch: Fetch,
+        registry: Registry,
+        callers: Callers,
         auth: Authenticator,
-        access: AccessStore,
         consumers: ConsumerRegistry,
-        assertions: AssertionDir | None = None,
-        clock: Clock = utcnow,
     ) -> None:
-        self._consumers = consumers
-        self._assertions = assertions
+        self._registry = registry
+        self._callers = callers
         self._auth = auth
-        self._access = access
-        self._clock = clock
-        self._store = store
-        self._manager = manager
-        self._egress = egress
-        self._url_policy = egress.policy
-        self._get = egress.get
-        self._fetch = fetch
+        self._consumers = consumers
 
     @handles_errors
     async def RegisterServer(
@@ -78,43 +50,15 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         caller = await self._auth.require(context, Role.ADMIN)
         if not request.HasField("server"):
             raise InvalidArgument("server", "is required: the server to register")
-        spec = await validate_spec(spec_from_proto(request.server), self._url_policy)
-        credential = credential_from_proto(request)
-        if credential is not None:
-            validate_credential(credential, spec, self._assertions)
-        if request.expected_revision < -1:
-            raise InvalidArgument("expected_revision", "must be -1, 0 or a revision number")
-        found = None
-        if needs_discovery(spec):
-            found = await discover(spec, self._get, self._url_policy)
-            if credential is not None:
-                endpoint = complete(spec, credential.kind, found).token_endpoint
-                where = "server.issuer" if spec.issuer else "server.mcp_url"
-                check_certificate_endpoint(credential.kind, endpoint, where)
-        if request.keep_previous_credential and request.drop_previous_credential:
-            raise InvalidArgument(
-                "keep_previous_credential", "cannot be set together with drop_previous_credential"
-            )
-        if request.keep_previous_credential and credential is None:
-            raise InvalidArgument(
-                "keep_previous_credential", "needs a new client_secret or private_key_pem"
-            )
-        previous = "keep" if request.keep_previous_credential else ""
-        previous = "drop" if request.drop_previous_credential else previous
-        result = await self._store.register(
-            spec, credential, request.expected_revision, caller.actor, found, previous
+        record = await self._registry.register(
+            spec_from_proto(request.server),
+            credential_from_proto(request),
+            actor=caller.actor,
+            expected_revision=request.expected_revision,
+            keep_previous=request.keep_previous_credential,
+            drop_previous=request.drop_previous_credential,
         )
-        if result.changed:
-            self._manager.registered(result.record, result.revised)
-            log.info(
-                "server registered",
-                extra={
-                    "server_id": spec.id,
-                    "revision": result.record.revision,
-                    "actor": caller.actor,
-                },
-            )
-        return server_to_proto(result.record)
+        return server_to_proto(record)
 
     @handles_errors
     async def TestServer(
@@ -123,43 +67,25 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         caller = await self._auth.require(context, Role.ADMIN)
         target = request.WhichOneof("target")
         if target == "id":
-            validate_server_id(request.id)
-            loaded = await self._store.load_for_fetch(request.id)
-            spec, credential = loaded.record.spec, loaded.credential
-            discovery = loaded.record.discovery
-        elif target == "registration":
-            registration = request.registration
-            spec = await validate_spec(
-                spec_from_proto(registration.server), self._url_policy, "registration.server."
+            steps = await self._registry.test_stored(
+                request.id, actor=caller.actor, call_mcp=request.call_mcp
             )
-            given = credential_from_proto(registration)
-            if given is None:
-                raise InvalidArgument(
-                    "registration.client_secret", "is required: the credential to test"
-                )
-            credential = validate_credential(given, spec, self._assertions)
-            discovery = None
+        elif target == "registration":
+            steps = await self._registry.test_given(
+                spec_from_proto(request.registration.server),
+                credential_from_proto(request.registration),
+                actor=caller.actor,
+                call_mcp=request.call_mcp,
+            )
         else:
             raise InvalidArgument("id", "give the id of a stored server, or a registration")
-        steps = await probe(
-            spec,
-            credential,
-            discovery,
-            fetch=self._fetch,
-            egress=self._egress,
-            call_mcp=request.call_mcp,
-        )
         ok = all(step.ok for step in steps)
-        await self._store.audit(
-            caller.actor, "test", spec.id, ok=ok, steps=[s.name for s in steps if s.ok]
-        )
         return pb.TestServerResponse(ok=ok, steps=[step_to_proto(step) for step in steps])
 
     @handles_errors
     async def GetServer(self, request: pb.GetServerRequest, context: Context) -> pb.Server:
         await self._auth.require(context, Role.ADMIN)
-        validate_server_id(request.id)
-        record = await self._store.get_server(request.id)
+        record = await self._registry.get(request.id)
         consumers = await self._consumers.of([request.id])
         return server_to_proto(record, consumers[request.id])
 
@@ -174,7 +100,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             )
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(request.page_token)
-        records = await self._store.list_servers(after, size + 1)
+        records = await self._registry.page(after, size + 1)
         more = len(records) > size
         records = records[:size]
         next_token = _encode_page_token(records[-1].spec.id) if more else ""
@@ -187,10 +113,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     @handles_errors
     async def DeleteServer(self, request: pb.DeleteServerRequest, context: Context) -> Empty:
         caller = await self._auth.require(context, Role.ADMIN)
-        validate_server_id(request.id)
-        await self._store.delete(request.id, caller.actor)
-        self._manager.removed(request.id)
-        log.info("server deleted", extra={"server_id": request.id, "actor": caller.actor})
+        await self._registry.delete(request.id, actor=caller.actor)
         return Empty()
 
     # callers and the audit trail ---------------------------------------------
@@ -200,18 +123,12 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.CreateCallerRequest, context: Context
     ) -> pb.CreateCallerResponse:
         caller = await self._auth.require(context, Role.ADMIN)
-        created, key = await create_caller(
-            self._access,
+        created, key = await self._callers.create(
+            actor=caller.actor,
             name=request.name,
             roles=list(request.roles),
-            patterns=list(request.server_patterns) or ["*"],
+            patterns=list(request.server_patterns),
             certificate_identity=request.certificate_identity,
-            now=self._clock(),
-        )
-        await self._auth.load()
-        await self._store.announce("callers")
-        await self._store.audit(
-            caller.actor, "caller_create", None, caller_id=created.id, name=created.name
         )
         return pb.CreateCallerResponse(caller=caller_to_proto(created), key=key)
 
@@ -220,21 +137,13 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         self, request: pb.ListCallersRequest, context: Context
     ) -> pb.ListCallersResponse:
         await self._auth.require(context, Role.ADMIN)
-        records = await self._access.list_callers()
+        records = await self._callers.all()
         return pb.ListCallersResponse(callers=[caller_to_proto(r) for r in records])
 
     @handles_errors
     async def RevokeCaller(self, request: pb.RevokeCallerRequest, context: Context) -> pb.Caller:
         caller = await self._auth.require(context, Role.ADMIN)
-        revoked = await self._access.revoke_caller(request.id, self._clock())
-        if revoked is None:
-            raise InvalidArgument("id", f"no caller with id {request.id[:40]!r}: see ListCallers")
-        await self._auth.load()
-        await self._store.announce("callers")
-        self._manager.end_watches(revoked.id)
-        await self._store.audit(
-            caller.actor, "caller_revoke", None, caller_id=revoked.id, name=revoked.name
-        )
+        revoked = await self._callers.revoke(request.id, actor=caller.actor)
         return caller_to_proto(revoked)
 
     @handles_errors
@@ -248,7 +157,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         after = _decode_page_token(request.page_token)
         if after and not (after.isascii() and after.isdigit() and len(after) <= 18):
             raise InvalidArgument("page_token", PAGE_TOKEN_FIX)
-        events = await self._access.list_audit(
+        events = await self._callers.audit_events(
             server_id=request.server_id,
             actor=request.actor,
             start=moment(request.start_time, "start_time")
@@ -283,42 +192,3 @@ def _decode_page_token(token: str) -> str:
     if not text.startswith("v1:"):
         raise InvalidArgument("page_token", PAGE_TOKEN_FIX)
     return text[3:]
-
-
-async def create_caller(
-    access: AccessStore,
-    *,
-    name: str,
-    roles: list[str],
-    patterns: list[str],
-    certificate_identity: str,
-    now: datetime,
-) -> tuple[CallerRecord, str]:
-    """Creates a caller; returns it and, for a key caller, its key (shown once)."""
-    if not name or len(name) > 200 or any(ord(c) < 0x20 for c in name):
-        raise InvalidArgument("name", "is required: 1 to 200 printable characters")
-    known = {role.value for role in Role}
-    if not roles or not set(roles) <= known:
-        raise InvalidArgument("roles", f"give one or more of {', '.join(sorted(known))}")
-    checked = check_patterns(patterns)
-    if certificate_identity:
-        certificate_identity = typed_identity(certificate_identity)
-        caller_id, key, digest = secrets.token_hex(8), "", None
-        kind = "certificate"
-    else:
-        caller_id, key = new_key()
-        digest, kind = key_hash(key), "key"
-    record = CallerRecord(
-        id=caller_id,
-        name=name,
-        kind=kind,
-        identity=certificate_identity,
-        key_hash=digest,
-        roles=tuple(sorted(set(roles))),
-        server_patterns=checked,
-        create_time=now,
-        last_used_time=None,
-        revoke_time=None,
-    )
-    await access.create_caller(record)
-    return record, key

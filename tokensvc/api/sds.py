@@ -135,7 +135,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
     ) -> xds.DiscoveryResponse:
         caller = await self._auth.require(context, Role.BROKER)
         stream = sds.SotwStream(self._consumers, sds.Secrets(caller.may_see, self._clock))
-        watch = self._manager.watch(None, caller.may_see, caller.id)
+        watch = self._manager.watches.open(None, caller.may_see, caller.id)
         response = await sds.fetch(sotw_request(request), watch, stream)
         self._audit_issued(caller, stream, response)
         return sotw_response(response)
@@ -154,7 +154,7 @@ class SecretDiscoveryServicer(sds_pb2_grpc.SecretDiscoveryServiceServicer):
         requests: AsyncIterator[sds.Request],
         context: Context,
     ) -> AsyncIterator[sds.Response]:
-        watch = self._manager.watch(None, caller.may_see, caller.id)
+        watch = self._manager.watches.open(None, caller.may_see, caller.id)
         try:
             async with contextlib.aclosing(sds.serve(requests, watch, stream)) as responses:
                 async for response in responses:

@@ -64,7 +64,7 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                 _visible(caller, server_id)
         except TokenSvcError as exc:
             await abort(context, exc)
-        async for update in self._manager.watch(server_ids, caller.may_see, caller.id):
+        async for update in self._manager.watches.open(server_ids, caller.may_see, caller.id):
             event = update.event
             if isinstance(event, CallerRevoked):
                 # Ended because the caller was revoked: say so, unlike a shutdown.

@@ -1,14 +1,14 @@
 """Persistence: SQLAlchemy tables, migrations and the repository."""
 
 from tokensvc.store.engine import create_engine
-from tokensvc.store.repository import (
+from tokensvc.store.records import (
     FetchContext,
     LastError,
     Registration,
     ServerRecord,
     ServerStatus,
-    Store,
 )
+from tokensvc.store.repository import Store
 
 __all__ = [
     "FetchContext",

@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.errors import InvalidArgument, LastAdmin
-from tokensvc.store.repository import audit_row, transaction
+from tokensvc.store.records import audit_row
+from tokensvc.store.rows import transaction
 from tokensvc.store.tables import audit_events, callers
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.sds import Consumer, Node
-from tokensvc.store.repository import transaction
+from tokensvc.store.rows import transaction
 from tokensvc.store.tables import sds_consumers as table
 
 Change = tuple[str, str, Consumer | None]  # stream id, server id, consumer (None: gone)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from alembic import command
@@ -14,11 +13,12 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.errors import ConfigurationError
+from tokensvc.settings import migrations_dir_override
 
 
 def migrations_dir() -> Path:
     """The Alembic scripts: ``TOKENSVC_MIGRATIONS_DIR``, else beside the package."""
-    override = os.environ.get("TOKENSVC_MIGRATIONS_DIR")
+    override = migrations_dir_override()
     candidates = [Path(override)] if override else []
     here = Path(__file__).resolve().parent.parent
     candidates += [here / "_migrations", here.parent / "migrations"]

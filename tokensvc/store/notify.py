@@ -16,6 +16,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import asyncpg
@@ -26,12 +27,20 @@ log = logging.getLogger(__name__)
 CHANNEL = "tokensvc_changes"
 
 
+class ChangeKind(StrEnum):
+    TOKEN = "token"  # a token was stored (number: its version)
+    FAILED = "failed"  # a token request failed (number: the revision)
+    REGISTERED = "registered"  # a server was created or changed (number: its revision)
+    REMOVED = "removed"  # a server was deleted
+    CALLERS = "callers"  # a caller was created or revoked
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What another replica did: ``kind`` is token, failed, registered or removed."""
+    """What another replica did."""
 
     origin: str
-    kind: str
+    kind: ChangeKind
     server_id: str
     number: int = 0  # token version, or revision
     revised: bool = False
@@ -52,7 +61,11 @@ class Change:
         try:
             data = json.loads(payload)
             return cls(
-                str(data["o"]), str(data["k"]), str(data["s"]), int(data["n"]), bool(data["r"])
+                str(data["o"]),
+                ChangeKind(str(data["k"])),
+                str(data["s"]),
+                int(data["n"]),
+                bool(data["r"]),
             )
         except (ValueError, KeyError, TypeError):
             return None

@@ -1,0 +1,161 @@
+"""The plumbing every store method shares: transactions that turn database
+faults into StoreUnavailable, announcements to the other replicas, the advisory
+lock around a token request, audit rows, and the encrypted columns.
+
+Encryption happens here and only here: the database sees AES-GCM envelopes whose
+associated data names the row and field.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from tokensvc.crypto import KeyRing, associated_data
+from tokensvc.errors import StoreUnavailable
+from tokensvc.registration import Credential, CredentialKind
+from tokensvc.store.notify import CHANNEL, Change, ChangeKind
+from tokensvc.store.records import audit_row
+from tokensvc.store.tables import audit_events
+from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
+
+# The first key of tokensvc's advisory locks (the second is the server id's hash).
+LOCK_SPACE = 0x746B73  # "tks"
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One transaction; database faults become StoreUnavailable."""
+    try:
+        async with engine.begin() as conn:
+            yield conn
+    except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+        raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
+    except DBAPIError as exc:
+        if exc.connection_invalidated or _unavailable(exc):
+            raise StoreUnavailable("the database connection was lost") from None
+        raise
+
+
+def _unavailable(exc: DBAPIError) -> bool:
+    """SQLSTATE classes that mean "not now" rather than "wrong": connection
+    exceptions (08), shutting down or starting up (57P), out of resources (53)."""
+    state = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+    return state.startswith(("08", "57P", "53"))
+
+
+class Rows:
+    """A store's engine, keys and clock, and what its methods share."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        keyring: KeyRing,
+        clock: Clock = utcnow,
+        origin: str = "",
+    ) -> None:
+        self.engine = engine
+        self.keyring = keyring
+        self.clock = clock
+        # Who writes: the replica id that changes are announced under.
+        self.origin = origin
+        self.shared = engine.dialect.name == "postgresql"
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def _tx(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        return transaction(self.engine)
+
+    async def ping(self) -> None:
+        async with self._tx() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def _announce(
+        self,
+        conn: AsyncConnection,
+        kind: ChangeKind,
+        server_id: str,
+        number: int = 0,
+        revised: bool = False,
+    ) -> None:
+        """Tells the other replicas, when this transaction commits (PostgreSQL)."""
+        if self.shared:
+            change = Change(self.origin, kind, server_id, number, revised)
+            await conn.execute(
+                text("SELECT pg_notify(:channel, :payload)"),
+                {"channel": CHANNEL, "payload": change.payload()},
+            )
+
+    async def announce(self, kind: ChangeKind, server_id: str = "") -> None:
+        """Tells the other replicas of a change that has no row of its own here."""
+        if self.shared:
+            async with self._tx() as conn:
+                await self._announce(conn, kind, server_id)
+
+    @asynccontextmanager
+    async def refresh_lock(self, server_id: str) -> AsyncIterator[None]:
+        """Held around a token request, so that one replica at a time asks for a
+        server's token (PostgreSQL; one process needs nothing more).
+
+        A transaction-scoped advisory lock rather than a lease row: a replica
+        that dies mid-request (even SIGKILL) drops its connection and the lock
+        with it, so another takes over at once instead of waiting for a lease to
+        expire, and a waiter is woken by PostgreSQL rather than polling. The
+        price is a pooled connection held for the length of the request (at
+        most the HTTP timeout), one per server being refreshed: the manager's
+        in-process single flight and the scheduler's concurrency bound that.
+        """
+        if not self.shared:
+            yield
+            return
+        async with self._tx() as conn:
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(:space, hashtext(:id))"),
+                {"space": LOCK_SPACE, "id": server_id},
+            )
+            yield
+
+    def _seal_credential(self, server_id: str, credential: Credential, slot: str = "") -> bytes:
+        aad = associated_data("servers", server_id, f"{slot}credential:{credential.kind.value}")
+        return self.keyring.encrypt(credential.value.reveal().encode(), aad)
+
+    def _open_credential(
+        self, server_id: str, kind: str, envelope: bytes, slot: str = ""
+    ) -> Credential:
+        aad = associated_data("servers", server_id, f"{slot}credential:{kind}")
+        plain = self.keyring.decrypt(envelope, aad).decode()
+        return Credential(CredentialKind(kind), Secret(plain))
+
+    def _seal_token(self, server_id: str, access_token: str) -> bytes:
+        aad = associated_data("tokens", server_id, "access_token")
+        return self.keyring.encrypt(access_token.encode(), aad)
+
+    def _open_token(self, row: Row[Any]) -> ServerToken:
+        aad = associated_data("tokens", row.server_id, "access_token")
+        token = Token(
+            access_token=self.keyring.decrypt(row.access_token_ct, aad).decode(),
+            token_type=row.token_type,
+            issued_at=row.issued_at,
+            expires_at=row.expires_at,
+            scopes=tuple(json.loads(row.scopes)),
+        )
+        return ServerToken(row.server_id, token, row.version, row.revision)
+
+    async def audit(self, actor: str, action: str, server_id: str | None, **detail: Any) -> None:
+        async with self._tx() as conn:
+            await self._audit(conn, actor, action, server_id, **detail)
+
+    async def _audit(
+        self, conn: AsyncConnection, actor: str, action: str, server_id: str | None, **detail: Any
+    ) -> None:
+        await conn.execute(
+            insert(audit_events).values(audit_row(self.clock(), actor, action, server_id, detail))
+        )
