@@ -137,6 +137,10 @@ async def test_serve_refuses_data_under_a_key_it_does_not_have(
     first = generate_key_entry()
     async with running_service(tmp_path, auth, keys=first) as h:
         await h.register()
+        # Wait for the first token: a fetch cancelled by the stop while it was
+        # writing could leave SQLite locked for a moment, and the serve below
+        # would fail on the lock (exit 1) instead of on the key (exit 2).
+        await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     before = (tmp_path / "tokensvc.db").read_bytes()
     code, out = await run(
         "serve",
