@@ -25,11 +25,11 @@ import httpx2
 import pytest
 import pytest_asyncio
 
-from tokensvc import egress, logs
+from tokensvc import logs
 from tokensvc.client_cert import bundle
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
-from tokensvc.egress import Egress
+from tokensvc.egress import Egress, pools
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -192,7 +192,7 @@ async def test_concurrent_requests_with_certificates_evicting_each_other_get_the
     """One pool slot for two certificates: each request evicts the other's
     pool while its requests are in flight. None may fail, none may get the
     other client's token, and no retired pool is left open."""
-    monkeypatch.setattr(egress, "MAX_POOLS", 1)
+    monkeypatch.setattr(pools, "MAX_POOLS", 1)
     fetcher = TokenFetcher(Egress(ca_file=pki["server_ca"].path))
     clients = [(TLS_CLIENT, "client"), (SELF_SIGNED, "self_signed")] * 40
     try:

@@ -1,7 +1,7 @@
 """One token request: client credentials in, a :class:`Token` or a :class:`FetchError` out.
 
 This is the only module that imports authlib's client; its requests leave
-through egress.py like every other outbound request. authlib does
+through tokensvc.egress like every other outbound request. authlib does
 the wire (form body, client authentication); everything it would decide on
 its own is taken back here, because its choices are wrong for us:
 
