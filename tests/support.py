@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import ipaddress
 import json
 import logging
@@ -601,6 +602,21 @@ class Watcher:
     async def close(self) -> None:
         self.call.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+def sha(token: str) -> str:
+    """The SHA-256 (hex) of a token, as GetToken's ``rejected_token_sha256`` wants it."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def rotate(harness: Harness, current: pb.Token) -> pb.Token:
+    """Reports ``current`` as rejected: tokensvc fetches and publishes a new one."""
+    request = pb.GetTokenRequest(
+        server_id=current.server_id, rejected_token_sha256=sha(current.access_token)
+    )
+    new: pb.Token = await harness.tokens.GetToken(request, timeout=30)
+    assert new.version == current.version + 1
+    return new
 
 
 def epoch(timestamp: Timestamp) -> float:

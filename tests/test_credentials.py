@@ -16,7 +16,7 @@ async def status(harness: Harness) -> pb.Server:
     return await harness.admin.GetServer(pb.GetServerRequest(id="alpha"))
 
 
-async def rotate(harness: Harness, secret: str, **flags: bool) -> pb.Server:
+async def new_secret(harness: Harness, secret: str, **flags: bool) -> pb.Server:
     current = await status(harness)
     request = pb.RegisterServerRequest(server=current, client_secret=secret, **flags)
     return await harness.admin.RegisterServer(request)
@@ -26,7 +26,7 @@ async def test_a_new_secret_that_works_drops_the_previous_one(harness: Harness) 
     await harness.register()
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     harness.auth.add_client(CLIENT_ID, "secret-two")  # rotated at the provider
-    updated = await rotate(harness, "secret-two", keep_previous_credential=True)
+    updated = await new_secret(harness, "secret-two", keep_previous_credential=True)
     assert updated.previous_credential_set
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     after = await status(harness)
@@ -39,7 +39,7 @@ async def test_a_wrong_new_secret_falls_back_to_the_previous_one_and_says_so(
     await harness.register()
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     requests = harness.auth.token_requests
-    await rotate(harness, "a-typo", keep_previous_credential=True)
+    await new_secret(harness, "a-typo", keep_previous_credential=True)
     token = await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     assert token.access_token == harness.auth.issued[-1]
     assert harness.auth.token_requests - requests == 2  # the new one refused, the old one used

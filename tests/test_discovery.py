@@ -3,7 +3,6 @@ from the MCP server itself (RFC 9728), and the documents that must be refused.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from support import (
     error_info,
     running_service,
     scripted_egress,
+    sha,
 )
 
 
@@ -242,10 +242,6 @@ async def test_a_discovered_token_endpoint_that_stops_answering_is_looked_up_aga
         assert token.access_token == moved.issued[-1]
         server = await h.admin.GetServer(pb.GetServerRequest(id="alpha"))
         assert server.discovery.token_endpoint == moved.token_endpoint
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(

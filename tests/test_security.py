@@ -39,6 +39,7 @@ from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 from certs import CertificateAuthority, Issued, expired
+from replicas import TOKENSVC
 from support import (
     SECRET,
     Harness,
@@ -53,7 +54,6 @@ from support import (
 
 TIMEOUT = 15.0  # seconds per RPC, stream wait or subprocess step
 VENV_BIN = Path(sys.executable).parent
-TOKENSVC = str(VENV_BIN / "tokensvc")
 GRPCURL = shutil.which("grpcurl", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 KEY_FORMAT = re.compile(r"tsk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 SPIFFE_ADMIN = "spiffe://example.org/admin/ops"
