@@ -9,7 +9,7 @@ import pytest
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, Harness, error_info
+from support import CLIENT_ID, SECRET, Harness, error_info, registration
 
 
 async def status(harness: Harness) -> pb.Server:
@@ -88,16 +88,8 @@ async def test_test_server_reports_each_step_of_a_working_registration(harness: 
 
 
 async def test_test_server_shows_where_a_broken_registration_fails(harness: Harness) -> None:
-    registration = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="broken",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id=CLIENT_ID,
-        ),
-        client_secret="not-the-secret",
-    )
-    result = await harness.admin.TestServer(pb.TestServerRequest(registration=registration))
+    broken = registration(harness.auth, "broken", "not-the-secret")
+    result = await harness.admin.TestServer(pb.TestServerRequest(registration=broken))
     assert not result.ok
     (step,) = result.steps
     assert step.name == "token_request" and not step.ok
@@ -131,12 +123,9 @@ async def test_test_server_discovers_when_the_registration_says_only_the_mcp_url
     async with ProtectedMCPServer(
         issuer=harness.auth.issuer, jwks_uri=harness.auth.jwks_uri
     ) as mcp:
-        registration = pb.RegisterServerRequest(
-            server=pb.Server(id="found", mcp_url=mcp.url, client_id=CLIENT_ID),
-            client_secret=SECRET,
-        )
+        found = registration(harness.auth, "found", mcp_url=mcp.url, token_endpoint="")
         result = await harness.admin.TestServer(
-            pb.TestServerRequest(registration=registration, call_mcp=True)
+            pb.TestServerRequest(registration=found, call_mcp=True)
         )
     assert result.ok, result
     assert [s.name for s in result.steps][:2] == ["discovery", "token_request"]
@@ -178,18 +167,8 @@ def bad_keys() -> list[tuple[str, str, str, str]]:
 async def test_bad_private_keys_are_refused_at_registration_saying_what_is_wrong(
     harness: Harness, name: str, pem: str, alg: str, hint: str
 ) -> None:
-    request = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="keyed",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id=CLIENT_ID,
-            signing_alg=alg,
-        ),
-        private_key_pem=pem,
-    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.admin.RegisterServer(request)
+        await harness.register("keyed", None, signing_alg=alg, private_key_pem=pem)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).metadata["field"] in ("private_key_pem", "server.signing_alg")
     assert hint in (caught.value.details() or "")
@@ -202,17 +181,7 @@ async def test_a_private_key_registers_for_private_key_jwt_and_is_never_returned
     from cryptography.hazmat.primitives.asymmetric import ec
 
     pem = pem_of(ec.generate_private_key(ec.SECP256R1()))
-    request = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="keyed",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id=CLIENT_ID,
-            key_id="k1",
-        ),
-        private_key_pem=pem,
-    )
-    server = await harness.admin.RegisterServer(request)
+    server = await harness.register("keyed", None, key_id="k1", private_key_pem=pem)
     assert server.credential_set and server.key_id == "k1"
     assert server.effective_auth_method == pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT
     listed = await harness.admin.ListServers(pb.ListServersRequest())
