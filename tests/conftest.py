@@ -1,23 +1,6 @@
-"""Shared fixtures: real servers on loopback sockets."""
+"""Shared fixtures: real servers on loopback sockets (defined in support.py)."""
 
-from __future__ import annotations
-
-from collections.abc import AsyncIterator
-
-import pytest
-
-from tokensvc.demo.authserver import AuthServer
-
-
-@pytest.fixture
-async def authserver() -> AsyncIterator[AuthServer]:
-    """A started, well-behaved authorization server with no clients yet."""
-    async with AuthServer() as server:
-        yield server
-
-
-# The fixtures of support.py (databases, stores, a running service).
-from support import (  # noqa: E402, F401
+from support import (  # noqa: F401
     auth,
     database_url,
     harness,

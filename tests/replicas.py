@@ -2,10 +2,14 @@
 
 The harness of ``test_replicas.py`` and ``bench/replicas.py``:
 
-    async with replica_cluster(3, auth) as cluster:
+    async with replica_cluster(3) as cluster:
         a, b, c = cluster.replicas
         await register(a.admin, auth, "alpha")
+        watcher = c.watcher("alpha")  # support's Watcher, on replica c
         token = await b.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
+
+(``register``, ``Watcher``, ``eventually`` and the ``auth`` fixture are the
+in-process tests' own, from support.py: a replica is one more target for them.)
 
 ``replica_cluster`` creates a database, runs ``tokensvc migrate`` on it, starts
 the replicas with one shared ``TOKENSVC_KEYS``, each on a port of its own
@@ -22,15 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
 import signal
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +43,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokensvc.crypto import generate_key_entry
-from tokensvc.demo.authserver import AuthServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
-from support import create_pg_database, drop_pg_database
+from support import Watcher, create_pg_database, drop_pg_database
 
 TOKENSVC = str(Path(sys.executable).parent / "tokensvc")
 SERVING = "tokensvc serving"
 LISTENING = "listening for changes of other replicas"
-CLIENT_ID = "replica-client"
-CLIENT_SECRET = "replica-secret"  # registered with the AuthServer by the caller
 
 SERVING_STATUS = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING_STATUS = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -169,6 +168,10 @@ class Replica:
         self.tokens = pb_grpc.TokenServiceStub(self.channel)
         self.admin = pb_grpc.AdminServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def watcher(self, *server_ids: str) -> Watcher:
+        """A WatchTokens stream of this replica's, read in the background."""
+        return Watcher(self.tokens, *server_ids, name=self.name)
 
     async def get_token(self, server_id: str, deadline: float = 30, **fields: Any) -> pb.Token:
         """GetToken with a deadline of ``deadline`` seconds."""
@@ -332,102 +335,6 @@ async def replica_cluster(count: int, **settings: str) -> AsyncIterator[Cluster]
         await drop_pg_database(url)
 
 
-async def register(
-    admin: pb_grpc.AdminServiceStub,
-    auth: AuthServer,
-    server_id: str,
-    *,
-    secret: str | None = CLIENT_SECRET,
-    **fields: Any,
-) -> pb.Server:
-    server = pb.Server(
-        id=server_id,
-        mcp_url=fields.pop("mcp_url", f"http://127.0.0.1:9/{server_id}/mcp"),
-        token_endpoint=fields.pop("token_endpoint", auth.token_endpoint),
-        client_id=fields.pop("client_id", CLIENT_ID),
-        **fields,
-    )
-    request = pb.RegisterServerRequest(server=server)
-    if secret is not None:
-        request.client_secret = secret
-    result: pb.Server = await admin.RegisterServer(request, timeout=30)
-    return result
-
-
-@dataclass(frozen=True)
-class Seen:
-    """A stream message and when this process received it."""
-
-    event: pb.TokenEvent
-    monotonic: float
-    wall: float
-
-    @property
-    def kind(self) -> str:
-        return str(self.event.WhichOneof("event"))
-
-
-class Watcher:
-    """A WatchTokens stream read in the background; every event is kept with
-    its arrival time, and can be awaited."""
-
-    def __init__(self, replica: Replica, server_ids: Sequence[str] = ()) -> None:
-        self.replica = replica
-        self.seen: list[Seen] = []
-        self.error: BaseException | None = None
-        self._ended = False
-        self._changed = asyncio.Condition()
-        self._call = replica.tokens.WatchTokens(pb.WatchTokensRequest(server_ids=server_ids))
-        self._task = asyncio.create_task(self._read(), name=f"watch:{replica.name}")
-
-    async def _read(self) -> None:
-        try:
-            async for event in self._call:
-                async with self._changed:
-                    self.seen.append(Seen(event, time.monotonic(), time.time()))
-                    self._changed.notify_all()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self.error = exc
-        finally:
-            async with self._changed:
-                self._ended = True
-                self._changed.notify_all()
-
-    def tokens(self) -> list[Seen]:
-        return [s for s in self.seen if s.kind == "token"]
-
-    async def wait_for(
-        self, predicate: Callable[[Seen], bool], *, within: float = 30, after: int = 0
-    ) -> Seen:
-        """The first event from index ``after`` on that satisfies ``predicate``."""
-
-        def match() -> Seen | None:
-            return next((s for s in self.seen[after:] if predicate(s)), None)
-
-        try:
-            async with asyncio.timeout(within), self._changed:
-                await self._changed.wait_for(lambda: match() is not None or self._ended)
-        except TimeoutError:
-            raise AssertionError(
-                f"watcher on {self.replica.name}: no matching event within {within} s; "
-                f"seen: {[s.kind for s in self.seen]}"
-            ) from None
-        found = match()
-        if found is None:
-            raise AssertionError(
-                f"watcher on {self.replica.name} ended ({self.error!r}) before a matching event"
-            )
-        return found
-
-    async def synced(self, within: float = 30) -> Seen:
-        return await self.wait_for(lambda s: s.kind == "synced", within=within)
-
-    async def close(self) -> None:
-        self._call.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
 class HealthWatch:
     """A grpc.health.v1 Watch stream; statuses as they come, awaitable."""
 
@@ -461,22 +368,3 @@ class HealthWatch:
     async def close(self) -> None:
         self._call.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, within: float, interval: float = 0.05
-) -> None:
-    """Polls ``check`` until it is true. Only for state that nothing announces
-    (rows of pg_locks): everything else is awaited."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 (no event to wait for)
-            await asyncio.sleep(interval)
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (``p`` in 0..100)."""
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    rank = min(len(ordered), max(1, math.ceil(p / 100 * len(ordered))))
-    return ordered[rank - 1]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import ipaddress
 import json
 import logging
 import os
 import secrets
+import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import grpc
 import httpcore2
 import httpx2
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -31,9 +35,11 @@ from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.egress import Egress, UrlPolicy, is_loopback
-from tokensvc.server import Service
+from tokensvc.registry import Callers
+from tokensvc.server import Service, keyring_for, open_store
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
+from tokensvc.store.access import AccessStore, CallerRecord
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
@@ -105,15 +111,18 @@ async def store(database_url: str, keyring: KeyRing) -> AsyncIterator[Store]:
         await store.close()
 
 
-async def eventually(done: Callable[[], bool | Awaitable[bool]]) -> None:
+async def eventually(
+    done: Callable[[], bool | Awaitable[bool]], *, within: float = 30, interval: float = 0.02
+) -> None:
     """Until ``done()``: for state another task or process changes, and that
-    nothing announces (Envoy's admin, what a server task read from a stream)."""
-    async with asyncio.timeout(30):
+    nothing announces (Envoy's admin, what a server task read from a stream,
+    rows of pg_locks). Everything else is awaited."""
+    async with asyncio.timeout(within):
         while True:
             result = done()
             if result if isinstance(result, bool) else await result:
                 return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(interval)
 
 
 class FakeClock:
@@ -172,11 +181,17 @@ class ScriptedResolver:
 class RecordingNetwork(httpcore2.AsyncNetworkBackend):
     """The network under egress: records the address of every connect and
     really connects only to loopback; anything else is recorded and refused,
-    so a test can never send a packet off this host."""
+    so a test can never send a packet off this host.
+
+    While ``stalled``, no answer comes: a read on any connection, old or new,
+    fails as a read that timed out, at once. The timeout is the network's
+    verdict, not a wait of real seconds (see ``_StallableStream``)."""
 
     def __init__(self) -> None:
         self._inner = httpcore2.AnyIOBackend()
         self.connects: list[str] = []
+        self.stalled = False
+        self.stalled_reads = 0
 
     async def connect_tcp(
         self,
@@ -189,7 +204,8 @@ class RecordingNetwork(httpcore2.AsyncNetworkBackend):
         self.connects.append(host)
         if not is_loopback(ipaddress.ip_address(host)):
             raise httpcore2.ConnectError(f"test network: {host} is not loopback")
-        return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        stream = await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        return _StallableStream(stream, self)
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
@@ -197,6 +213,40 @@ class RecordingNetwork(httpcore2.AsyncNetworkBackend):
     @property
     def off_loopback(self) -> list[str]:
         return [h for h in self.connects if not is_loopback(ipaddress.ip_address(h))]
+
+
+class _StallableStream(httpcore2.AsyncNetworkStream):
+    """A real connection whose reads time out at once while its network is
+    stalled: what a read that waited ``timeout`` seconds for an answer that
+    never came ends with, without the wait."""
+
+    def __init__(self, inner: httpcore2.AsyncNetworkStream, network: RecordingNetwork) -> None:
+        self._inner = inner
+        self._network = network
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        if self._network.stalled:
+            self._network.stalled_reads += 1
+            raise httpcore2.ReadTimeout(f"test network: stalled (no answer within {timeout} s)")
+        return await self._inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        await self._inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore2's signature)
+    ) -> httpcore2.AsyncNetworkStream:
+        tls = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        return _StallableStream(tls, self._network)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
 
 
 def scripted_egress(resolver: ScriptedResolver, network: RecordingNetwork, **policy: Any) -> Egress:
@@ -227,21 +277,92 @@ class Harness:
     async def register(
         self, server_id: str = "alpha", secret: str | None = SECRET, **fields: Any
     ) -> pb.Server:
-        """Registers a server; ``fields`` of RegisterServerRequest (another
-        credential, expected_revision...) go to the request, the rest to Server."""
-        named = pb.RegisterServerRequest.DESCRIPTOR.fields_by_name
-        outer = {name: fields.pop(name) for name in list(fields) if name in named}
-        server = pb.Server(
-            id=server_id,
-            mcp_url=fields.pop("mcp_url", f"http://127.0.0.1:9/{server_id}/mcp"),
-            token_endpoint=fields.pop("token_endpoint", self.auth.token_endpoint),
-            client_id=fields.pop("client_id", CLIENT_ID),
-            **fields,
-        )
-        request = pb.RegisterServerRequest(server=server, **outer)
-        if secret is not None:
-            request.client_secret = secret
-        return await self.admin.RegisterServer(request)
+        """``register`` on this service's AdminService and authorization server."""
+        return await register(self.admin, self.auth, server_id, secret, **fields)
+
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def bearer(key: str) -> Metadata:
+    """The call metadata that carries a caller's key."""
+    return (("authorization", f"Bearer {key}"),)
+
+
+def registration(
+    auth: AuthServer, server_id: str = "alpha", secret: str | None = SECRET, **fields: Any
+) -> pb.RegisterServerRequest:
+    """A RegisterServerRequest for a client of ``auth`` (CLIENT_ID, ``secret``).
+    ``fields`` of RegisterServerRequest (another credential, expected_revision...)
+    go to the request, the rest to Server (``token_endpoint=""``: discovered)."""
+    named = pb.RegisterServerRequest.DESCRIPTOR.fields_by_name
+    outer = {name: fields.pop(name) for name in list(fields) if name in named}
+    server = pb.Server(
+        id=server_id,
+        mcp_url=fields.pop("mcp_url", f"http://127.0.0.1:9/{server_id}/mcp"),
+        token_endpoint=fields.pop("token_endpoint", auth.token_endpoint),
+        client_id=fields.pop("client_id", CLIENT_ID),
+        **fields,
+    )
+    request = pb.RegisterServerRequest(server=server, **outer)
+    if secret is not None:
+        request.client_secret = secret
+    return request
+
+
+async def register(
+    admin: pb_grpc.AdminServiceStub,
+    auth: AuthServer,
+    server_id: str = "alpha",
+    secret: str | None = SECRET,
+    *,
+    metadata: Metadata = (),
+    **fields: Any,
+) -> pb.Server:
+    """Registers ``registration(auth, server_id, secret, **fields)`` through
+    AdminService (of a Harness or of a replica), as the caller ``metadata`` says."""
+    request = registration(auth, server_id, secret, **fields)
+    server: pb.Server = await admin.RegisterServer(request, metadata=metadata or None, timeout=30)
+    return server
+
+
+async def first_keys(
+    admin: pb_grpc.AdminServiceStub, *patterns: str, broker: str = "envoy"
+) -> tuple[str, str]:
+    """Through AdminService/CreateCaller: an admin key (open mode ends with
+    it), then, as that admin, a broker key for the servers ``patterns`` name."""
+    created = await admin.CreateCaller(pb.CreateCallerRequest(name="admin", roles=["admin"]))
+    broker_key = await admin.CreateCaller(
+        pb.CreateCallerRequest(name=broker, roles=["broker"], server_patterns=patterns),
+        metadata=bearer(created.key),
+    )
+    return created.key, broker_key.key
+
+
+def callers_of(store: Store) -> Callers:
+    """The callers use case on this store, built as the CLI builds it (no
+    service to reload: one that serves this store learns of changes from it)."""
+    return Callers(AccessStore(store.engine), store)
+
+
+async def bootstrap(data_dir: Path, *callers: dict[str, Any]) -> list[tuple[CallerRecord, str]]:
+    """Creates callers in the data dir before the service starts, as
+    ``tokensvc create-caller`` does: ``{"name", "roles", "patterns", "identity"}``."""
+    settings = Settings(data_dir=data_dir)
+    store = await open_store(settings, keyring_for(settings))
+    try:
+        return [
+            await callers_of(store).create(
+                actor="cli:create-caller",
+                name=caller["name"],
+                roles=caller["roles"],
+                patterns=caller.get("patterns"),
+                certificate_identity=caller.get("identity", ""),
+            )
+            for caller in callers
+        ]
+    finally:
+        await store.close()
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -333,30 +454,36 @@ async def manual(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
         yield h
 
 
-async def mcp_initialize(url: str, access_token: str | None = None) -> tuple[int, str]:
-    """The status and body an MCP endpoint answers to an initialize request,
-    with this bearer token (or none of ours: through Envoy, which adds it)."""
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "tokensvc-tests", "version": "0"},
-        },
-    }
+MCP_INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "tokensvc-tests", "version": "0"},
+    },
+}
+
+
+async def mcp_initialize(
+    url: str, access_token: str | None = None, *, authorization: str | None = None
+) -> httpx2.Response:
+    """What an MCP endpoint answers to a bare initialize request with this
+    bearer token, or this whole Authorization header, or none of ours
+    (through Envoy, which adds it)."""
     headers = {"Accept": "application/json, text/event-stream"}
     if access_token is not None:
-        headers["Authorization"] = f"Bearer {access_token}"
+        authorization = f"Bearer {access_token}"
+    if authorization is not None:
+        headers["Authorization"] = authorization
     async with httpx2.AsyncClient() as client:
-        response = await client.post(url, json=body, headers=headers)
-    return response.status_code, response.text
+        return await client.post(url, json=MCP_INITIALIZE, headers=headers)
 
 
 async def bearer_call(url: str, access_token: str) -> int:
     """The status an MCP endpoint answers to an initialize request with this token."""
-    return (await mcp_initialize(url, access_token))[0]
+    return (await mcp_initialize(url, access_token)).status_code
 
 
 async def scrape(port: int) -> str:
@@ -378,58 +505,123 @@ def sample(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class Seen:
+    """A stream message and when this process received it."""
+
+    event: pb.TokenEvent
+    monotonic: float
+    wall: float
+
+    @property
+    def kind(self) -> str:
+        return str(self.event.WhichOneof("event"))
+
+
 class Watcher:
-    """A WatchTokens stream read into a list, with a way to await what comes."""
+    """A WatchTokens stream read in the background: every event is kept with
+    its arrival time and can be awaited. On any TokenService stub: a Harness's
+    or a replica's (``name`` says which in a failure)."""
 
     def __init__(
         self,
         tokens: pb_grpc.TokenServiceStub,
         *server_ids: str,
-        metadata: tuple[tuple[str, str], ...] = (),
+        metadata: Metadata = (),
+        name: str = "watcher",
     ) -> None:
+        self.name = name
+        self.seen: list[Seen] = []
+        self.error: BaseException | None = None
+        self._ended = False
+        self._changed = asyncio.Condition()
         self.call = tokens.WatchTokens(
             pb.WatchTokensRequest(server_ids=server_ids), metadata=metadata or None
         )
-        self.events: list[pb.TokenEvent] = []
-        self._changed = asyncio.Condition()
-        self.task = asyncio.ensure_future(self._read())
+        self.task = asyncio.create_task(self._read(), name=f"watch:{name}")
 
     async def _read(self) -> None:
-        async for event in self.call:
+        try:
+            async for event in self.call:
+                async with self._changed:
+                    self.seen.append(Seen(event, time.monotonic(), time.time()))
+                    self._changed.notify_all()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                self.error = exc  # the status is also the call's: call.code()
+        finally:
             async with self._changed:
-                self.events.append(event)
+                self._ended = True
                 self._changed.notify_all()
 
-    async def until(self, kind: str, **match: object) -> pb.TokenEvent:
+    @property
+    def events(self) -> list[pb.TokenEvent]:
+        return [s.event for s in self.seen]
+
+    def tokens(self) -> list[Seen]:
+        return [s for s in self.seen if s.kind == "token"]
+
+    async def wait_for(
+        self, predicate: Callable[[Seen], bool], *, within: float = 30, after: int = 0
+    ) -> Seen:
+        """The first event from index ``after`` on that satisfies ``predicate``;
+        fails if the stream ends first, or after ``within`` seconds."""
+
+        def match() -> Seen | None:
+            return next((s for s in self.seen[after:] if predicate(s)), None)
+
+        try:
+            async with asyncio.timeout(within), self._changed:
+                await self._changed.wait_for(lambda: match() is not None or self._ended)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.name}: no matching event within {within} s; seen: {self.kinds()}"
+            ) from None
+        found = match()
+        if found is None:
+            raise AssertionError(f"{self.name} ended ({self.error!r}) before a matching event")
+        return found
+
+    async def until(
+        self, kind: str, *, within: float = 30, after: int = 0, **match: object
+    ) -> pb.TokenEvent:
         """The first event of ``kind`` whose payload has the given fields."""
 
-        def found() -> pb.TokenEvent | None:
-            for event in self.events:
-                if event.WhichOneof("event") == kind:
-                    payload = getattr(event, kind)
-                    if all(getattr(payload, k) == v for k, v in match.items()):
-                        return event
-            return None
+        def wanted(seen: Seen) -> bool:
+            payload = getattr(seen.event, kind)
+            return seen.kind == kind and all(getattr(payload, k) == v for k, v in match.items())
 
-        async with asyncio.timeout(30), self._changed:
-            await self._changed.wait_for(lambda: found() is not None)
-        event = found()
-        assert event is not None
-        return event
+        return (await self.wait_for(wanted, within=within, after=after)).event
 
     def server_ids(self) -> set[str]:
-        return {
-            getattr(e, str(e.WhichOneof("event"))).server_id
-            for e in self.events
-            if e.WhichOneof("event") != "synced"
-        }
+        return {getattr(s.event, s.kind).server_id for s in self.seen if s.kind != "synced"}
 
     def kinds(self) -> list[str]:
-        return [str(e.WhichOneof("event")) for e in self.events]
+        return [s.kind for s in self.seen]
 
     async def close(self) -> None:
         self.call.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+def sha(token: str) -> str:
+    """The SHA-256 (hex) of a token, as GetToken's ``rejected_token_sha256`` wants it."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+async def rotate(harness: Harness, current: pb.Token) -> pb.Token:
+    """Reports ``current`` as rejected: tokensvc fetches and publishes a new one."""
+    request = pb.GetTokenRequest(
+        server_id=current.server_id, rejected_token_sha256=sha(current.access_token)
+    )
+    new: pb.Token = await harness.tokens.GetToken(request, timeout=30)
+    assert new.version == current.version + 1
+    return new
+
+
+def epoch(timestamp: Timestamp) -> float:
+    """A protobuf Timestamp as seconds since the epoch (as ``time.time``)."""
+    return float(timestamp.seconds + timestamp.nanos / 1e9)
 
 
 # --- what tests look for and look with ----------------------------------------------

@@ -182,17 +182,8 @@ async def test_bad_secrets_are_refused_without_echoing_them(
 async def test_a_private_key_that_is_not_one_is_refused_without_echoing_it(
     harness: Harness,
 ) -> None:
-    request = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="pk",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id="c",
-        ),
-        private_key_pem="-----BEGIN PRIVATE KEY-----\n...",
-    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.admin.RegisterServer(request)
+        await harness.register("pk", None, private_key_pem="-----BEGIN PRIVATE KEY-----\n...")
     assert error_info(caught.value).metadata["field"] == "private_key_pem"
     assert "-----BEGIN" not in (caught.value.details() or "")
 

@@ -10,15 +10,12 @@ count, each under a generous timeout.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
 import httpx2
@@ -32,7 +29,7 @@ from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.token import utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, FakeClock, Harness, running_service
+from support import CLIENT_ID, FakeClock, Harness, header_and_claims, running_service
 
 TIMEOUT = 30  # seconds; a generous bound on every wait
 NEW_SECRET = "cs-rotated-Secret+%ü-2b9c"
@@ -78,14 +75,6 @@ class Arrivals:
 async def synced(client: TokenClient) -> None:
     async with asyncio.timeout(TIMEOUT):
         await client.wait_synced()
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    )
-    return claims
 
 
 async def test_after_sync_get_token_answers_from_memory_even_with_tokensvc_stopped(
@@ -261,7 +250,9 @@ async def test_token_auth_sends_the_token_and_recovers_from_a_401_with_exactly_o
                 accepted = mcp.accepted
                 who = await client.call_tool("whoami", {})
                 assert who.structured_content is not None
-                assert who.structured_content["jti"] == claims_of(first.access_token)["jti"]
+                assert (
+                    who.structured_content["jti"] == header_and_claims(first.access_token)[1]["jti"]
+                )
                 assert mcp.accepted > accepted
                 assert (mcp.rejected, token_auth.retries) == (0, 0)
 
@@ -277,7 +268,10 @@ async def test_token_auth_sends_the_token_and_recovers_from_a_401_with_exactly_o
                 second = tokens.cached("weather")
                 assert second is not None and second.version == first.version + 1
                 assert who.structured_content is not None
-                assert who.structured_content["jti"] == claims_of(second.access_token)["jti"]
+                assert (
+                    who.structured_content["jti"]
+                    == header_and_claims(second.access_token)[1]["jti"]
+                )
                 assert who.structured_content["client_id"] == CLIENT_ID
 
                 echoed = await client.call_tool("echo", {"text": "after the 401"})

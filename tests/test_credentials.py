@@ -9,14 +9,14 @@ import pytest
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, Harness, error_info
+from support import CLIENT_ID, SECRET, Harness, error_info, registration
 
 
 async def status(harness: Harness) -> pb.Server:
     return await harness.admin.GetServer(pb.GetServerRequest(id="alpha"))
 
 
-async def rotate(harness: Harness, secret: str, **flags: bool) -> pb.Server:
+async def new_secret(harness: Harness, secret: str, **flags: bool) -> pb.Server:
     current = await status(harness)
     request = pb.RegisterServerRequest(server=current, client_secret=secret, **flags)
     return await harness.admin.RegisterServer(request)
@@ -26,7 +26,7 @@ async def test_a_new_secret_that_works_drops_the_previous_one(harness: Harness) 
     await harness.register()
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     harness.auth.add_client(CLIENT_ID, "secret-two")  # rotated at the provider
-    updated = await rotate(harness, "secret-two", keep_previous_credential=True)
+    updated = await new_secret(harness, "secret-two", keep_previous_credential=True)
     assert updated.previous_credential_set
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     after = await status(harness)
@@ -39,7 +39,7 @@ async def test_a_wrong_new_secret_falls_back_to_the_previous_one_and_says_so(
     await harness.register()
     await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     requests = harness.auth.token_requests
-    await rotate(harness, "a-typo", keep_previous_credential=True)
+    await new_secret(harness, "a-typo", keep_previous_credential=True)
     token = await harness.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
     assert token.access_token == harness.auth.issued[-1]
     assert harness.auth.token_requests - requests == 2  # the new one refused, the old one used
@@ -88,16 +88,8 @@ async def test_test_server_reports_each_step_of_a_working_registration(harness: 
 
 
 async def test_test_server_shows_where_a_broken_registration_fails(harness: Harness) -> None:
-    registration = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="broken",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id=CLIENT_ID,
-        ),
-        client_secret="not-the-secret",
-    )
-    result = await harness.admin.TestServer(pb.TestServerRequest(registration=registration))
+    broken = registration(harness.auth, "broken", "not-the-secret")
+    result = await harness.admin.TestServer(pb.TestServerRequest(registration=broken))
     assert not result.ok
     (step,) = result.steps
     assert step.name == "token_request" and not step.ok
@@ -131,12 +123,9 @@ async def test_test_server_discovers_when_the_registration_says_only_the_mcp_url
     async with ProtectedMCPServer(
         issuer=harness.auth.issuer, jwks_uri=harness.auth.jwks_uri
     ) as mcp:
-        registration = pb.RegisterServerRequest(
-            server=pb.Server(id="found", mcp_url=mcp.url, client_id=CLIENT_ID),
-            client_secret=SECRET,
-        )
+        found = registration(harness.auth, "found", mcp_url=mcp.url, token_endpoint="")
         result = await harness.admin.TestServer(
-            pb.TestServerRequest(registration=registration, call_mcp=True)
+            pb.TestServerRequest(registration=found, call_mcp=True)
         )
     assert result.ok, result
     assert [s.name for s in result.steps][:2] == ["discovery", "token_request"]
@@ -178,18 +167,8 @@ def bad_keys() -> list[tuple[str, str, str, str]]:
 async def test_bad_private_keys_are_refused_at_registration_saying_what_is_wrong(
     harness: Harness, name: str, pem: str, alg: str, hint: str
 ) -> None:
-    request = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="keyed",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id=CLIENT_ID,
-            signing_alg=alg,
-        ),
-        private_key_pem=pem,
-    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await harness.admin.RegisterServer(request)
+        await harness.register("keyed", None, signing_alg=alg, private_key_pem=pem)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).metadata["field"] in ("private_key_pem", "server.signing_alg")
     assert hint in (caught.value.details() or "")
@@ -202,17 +181,7 @@ async def test_a_private_key_registers_for_private_key_jwt_and_is_never_returned
     from cryptography.hazmat.primitives.asymmetric import ec
 
     pem = pem_of(ec.generate_private_key(ec.SECP256R1()))
-    request = pb.RegisterServerRequest(
-        server=pb.Server(
-            id="keyed",
-            mcp_url="http://127.0.0.1:9/mcp",
-            token_endpoint=harness.auth.token_endpoint,
-            client_id=CLIENT_ID,
-            key_id="k1",
-        ),
-        private_key_pem=pem,
-    )
-    server = await harness.admin.RegisterServer(request)
+    server = await harness.register("keyed", None, key_id="k1", private_key_pem=pem)
     assert server.credential_set and server.key_id == "k1"
     assert server.effective_auth_method == pb.CLIENT_AUTH_METHOD_PRIVATE_KEY_JWT
     listed = await harness.admin.ListServers(pb.ListServersRequest())

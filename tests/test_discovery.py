@@ -3,7 +3,6 @@ from the MCP server itself (RFC 9728), and the documents that must be refused.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from support import (
     error_info,
     running_service,
     scripted_egress,
+    sha,
 )
 
 
@@ -57,15 +57,13 @@ async def documents() -> AsyncIterator[Documents]:
         yield server
 
 
-async def register(harness: Harness, **fields: Any) -> pb.Server:
-    request = pb.RegisterServerRequest(
-        server=pb.Server(id="alpha", client_id=CLIENT_ID, **fields), client_secret=SECRET
-    )
-    return await harness.admin.RegisterServer(request)
+async def discovered(harness: Harness, **fields: Any) -> pb.Server:
+    """Registers "alpha" with no token endpoint: discovery is to find it."""
+    return await harness.register(token_endpoint="", **fields)
 
 
 async def test_an_issuer_alone_finds_the_token_endpoint(harness: Harness) -> None:
-    server = await register(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=harness.auth.issuer)
+    server = await discovered(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=harness.auth.issuer)
     assert server.discovery.token_endpoint == harness.auth.token_endpoint
     assert server.discovery.metadata_url.endswith("/.well-known/oauth-authorization-server")
     assert "client_secret_basic" in server.discovery.token_endpoint_auth_methods_supported
@@ -80,7 +78,7 @@ async def test_an_mcp_url_alone_is_followed_to_its_authorization_server_and_the_
     async with ProtectedMCPServer(
         issuer=harness.auth.issuer, jwks_uri=harness.auth.jwks_uri
     ) as mcp:
-        server = await register(harness, mcp_url=mcp.url)
+        server = await discovered(harness, mcp_url=mcp.url)
         assert server.discovery.issuer == harness.auth.issuer
         assert server.discovery.resource_metadata_url == mcp.resource_metadata_url
         assert server.discovery.token_endpoint == harness.auth.token_endpoint
@@ -111,7 +109,7 @@ async def test_every_metadata_location_of_an_issuer_with_a_path_is_tried(
             "token_endpoint_auth_methods_supported": ["client_secret_post"],
         }
     )
-    server = await register(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=issuer)
+    server = await discovered(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=issuer)
     assert server.discovery.metadata_url == documents.base_url + metadata_path
     # Only client_secret_post is offered, so it is chosen.
     assert server.effective_auth_method == pb.CLIENT_AUTH_METHOD_CLIENT_SECRET_POST
@@ -183,7 +181,7 @@ async def test_bad_discovery_documents_are_refused_clearly_and_nothing_is_stored
 ) -> None:
     documents.routes["/.well-known/oauth-authorization-server"] = make(documents)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await register(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
+        await discovered(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(caught.value).metadata["field"] == "server.issuer"
     assert hint in (caught.value.details() or ""), caught.value.details()
@@ -196,7 +194,7 @@ async def test_an_mcp_server_without_metadata_asks_for_an_issuer(
 ) -> None:
     documents.routes["/mcp"] = lambda _r: Response(status_code=401)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await register(harness, mcp_url=documents.base_url + "/mcp")
+        await discovered(harness, mcp_url=documents.base_url + "/mcp")
     assert error_info(caught.value).metadata["field"] == "server.mcp_url"
     assert "give server.issuer or server.token_endpoint" in (caught.value.details() or "")
 
@@ -233,7 +231,7 @@ async def test_a_discovered_token_endpoint_that_stops_answering_is_looked_up_aga
         running_service(tmp_path, auth, clock=clock) as h,
     ):
         moved.add_client(CLIENT_ID, SECRET)
-        await register(h, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
+        await discovered(h, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
         first = await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
         await auth.stop()  # the old endpoint is gone...
         metadata["token_endpoint"] = moved.token_endpoint  # ...and the metadata says where to
@@ -244,10 +242,6 @@ async def test_a_discovered_token_endpoint_that_stops_answering_is_looked_up_aga
         assert token.access_token == moved.issued[-1]
         server = await h.admin.GetServer(pb.GetServerRequest(id="alpha"))
         assert server.discovery.token_endpoint == moved.token_endpoint
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 @pytest.mark.parametrize(
@@ -265,7 +259,7 @@ async def test_redirects_to_metadata_forms_are_refused_even_with_insecure_http_a
         tmp_path / "data", auth, egress=egress, allow_insecure_http=True
     ) as harness:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await register(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
+            await discovered(harness, mcp_url="http://127.0.0.1:9/mcp", issuer=documents.base_url)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "always refused" in (caught.value.details() or ""), caught.value.details()
     assert network.off_loopback == [] and network.connects  # the first hop was real

@@ -8,7 +8,6 @@ test sends a packet off this host, whatever the policy would have allowed.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -73,13 +72,6 @@ def spec(token_endpoint: str) -> ServerSpec:
 @pytest.fixture
 def network() -> RecordingNetwork:
     return RecordingNetwork()
-
-
-@pytest.fixture
-async def auth() -> AsyncIterator[AuthServer]:
-    async with AuthServer() as server:
-        server.add_client(CLIENT_ID, SECRET)
-        yield server
 
 
 @pytest.mark.parametrize("insecure", [False, True], ids=["default", "allow-insecure-http"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from tokensvc.client import BrokerToken, TokenAuth, TokenClient
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 
+from replicas import TOKENSVC
 from support import CLIENT_ID, SECRET, running_service
-
-TOKENSVC = str(Path(sys.executable).parent / "tokensvc")
 
 
 async def test_a_broker_on_the_stream_never_gets_a_401_across_many_rotations(

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -23,16 +22,21 @@ from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from envoy_process import Envoy, configured, envoy_binary, running_envoy, secret_version
-from support import CLIENT_ID, SECRET, Harness, eventually, mcp_initialize, running_service
+from support import (
+    CLIENT_ID,
+    SECRET,
+    Harness,
+    Metadata,
+    bearer,
+    eventually,
+    first_keys,
+    mcp_initialize,
+    registration,
+    running_service,
+)
 
 LIFETIME = 3.5  # seconds: tokensvc rotates them every ~2 s
 ROTATION_RUN = 20.0  # seconds of requests through Envoy
-Metadata = tuple[tuple[str, str], ...]
-
-
-async def initialize_status(url: str) -> tuple[int, str]:
-    """An MCP initialize through Envoy, with no Authorization of our own."""
-    return await mcp_initialize(url)
 
 
 async def until_version(envoy: Envoy, name: str, done: Callable[[str], bool]) -> str:
@@ -51,26 +55,6 @@ async def until_version(envoy: Envoy, name: str, done: Callable[[str], bool]) ->
 def number(version: str) -> int:
     """The token version in a secret version ``r<revision>v<version>``."""
     return int(version.rsplit("v", 1)[1]) if "v" in version else 0
-
-
-async def keys(tokensvc: Harness) -> tuple[Metadata, str]:
-    """An admin key's metadata (open mode until it exists) and a broker key for Envoy."""
-    admin = await tokensvc.admin.CreateCaller(pb.CreateCallerRequest(name="admin", roles=["admin"]))
-    metadata = (("authorization", f"Bearer {admin.key}"),)
-    broker = await tokensvc.admin.CreateCaller(
-        pb.CreateCallerRequest(name="envoy", roles=["broker"], server_patterns=["weather"]),
-        metadata=metadata,
-    )
-    return metadata, broker.key
-
-
-def registration(auth: AuthServer, mcp: ProtectedMCPServer, client_id: str, secret: str) -> Any:
-    return pb.RegisterServerRequest(
-        server=pb.Server(
-            id="weather", mcp_url=mcp.url, token_endpoint=auth.token_endpoint, client_id=client_id
-        ),
-        client_secret=secret,
-    )
 
 
 @dataclass
@@ -104,9 +88,10 @@ async def envoy_in_front(
         running_service(data_dir, auth) as tokensvc,
     ):
         auth.add_client(CLIENT_ID, SECRET)
-        admin_md, broker_key = await keys(tokensvc)
+        admin_key, broker_key = await first_keys(tokensvc.admin, "weather")
+        admin_md = bearer(admin_key)
         await tokensvc.admin.RegisterServer(
-            registration(auth, mcp, CLIENT_ID, SECRET), metadata=admin_md
+            registration(auth, "weather", mcp_url=mcp.url), metadata=admin_md
         )
         mcp_port = int(mcp.base_url.rsplit(":", 1)[1])
         config = configured(tokensvc.service.port, mcp_port, broker_key, delta)
@@ -125,22 +110,22 @@ async def test_envoy_with_the_readme_config_rotates_without_a_401_and_fails_clos
         await rotations_reach_envoy_with_no_401(envoy, s.url, s.auth, s.mcp)
         await re_registration_and_delete_reach_envoy(s)
         await admin.RegisterServer(
-            registration(s.auth, s.mcp, CLIENT_ID, SECRET), metadata=s.admin_md
+            registration(s.auth, "weather", mcp_url=s.mcp.url), metadata=s.admin_md
         )
         held = await until_version(envoy, "weather", lambda v: v != "empty")
         await s.tokensvc.service.stop(grace=0)
         # tokensvc is down: Envoy keeps injecting the token it has.
-        assert (await initialize_status(s.url))[0] == 200
+        assert (await mcp_initialize(s.url)).status_code == 200
         async with s.restarted_tokensvc() as back:
             # Back: Envoy reconnects and follows the next rotation.
             resynced = await until_version(envoy, "weather", lambda v: number(v) > number(held))
             print(f"after the restart Envoy went from {held} to {resynced}")
-            assert (await initialize_status(s.url))[0] == 200
+            assert (await mcp_initialize(s.url)).status_code == 200
             await envoy.stop()
             await envoy.start()
             started = time.monotonic()
             url = await envoy.listener_url() + "/mcp"
-            assert (await initialize_status(url))[0] == 200
+            assert (await mcp_initialize(url)).status_code == 200
             print(f"a restarted Envoy served after {time.monotonic() - started:.2f} s")
             await revoking_the_key_makes_envoy_refuse(envoy, url, back, s.admin_md)
         assert "second-secret" not in envoy.log()
@@ -177,19 +162,23 @@ async def re_registration_and_delete_reach_envoy(s: Setup) -> None:
     assert before.startswith("r1v")
     changed = time.monotonic()
     await s.tokensvc.admin.RegisterServer(
-        registration(s.auth, s.mcp, "second-client", "second-secret"), metadata=s.admin_md
+        registration(
+            s.auth, "weather", "second-secret", mcp_url=s.mcp.url, client_id="second-client"
+        ),
+        metadata=s.admin_md,
     )
     await until_version(s.envoy, "weather", lambda v: v.startswith("r2v"))
     took = time.monotonic() - changed
     print(f"a re-registration reached Envoy in {took:.2f} s")
     assert took < LIFETIME  # before any token of the old registration could expire
-    assert (await initialize_status(s.url))[0] == 200
+    assert (await mcp_initialize(s.url)).status_code == 200
 
     deleted = time.monotonic()
     rejected_before = s.mcp.rejected
     await s.tokensvc.admin.DeleteServer(pb.DeleteServerRequest(id="weather"), metadata=s.admin_md)
     await until_version(s.envoy, "weather", lambda v: v == "empty")
-    status, body = await initialize_status(s.url)
+    answer = await mcp_initialize(s.url)  # through Envoy, which adds the token
+    status, body = answer.status_code, answer.text
     took = time.monotonic() - deleted
     print(f"a delete made Envoy refuse in {took:.2f} s")
     assert status == 401 and "credential" in body.lower(), body
@@ -203,11 +192,11 @@ async def test_envoy_over_delta_resumes_without_a_resend_and_fails_closed(
     # Hour-long tokens: nothing rotates during this test.
     async with envoy_in_front(tmp_path, Behaviour(), delta=True) as s:
         envoy = s.envoy
-        assert (await initialize_status(s.url))[0] == 200  # subscribed, served
+        assert (await mcp_initialize(s.url)).status_code == 200  # subscribed, served
         held = await secret_version(envoy, "weather")
         updates = await envoy.stat("sds.weather.update_success")
         await s.tokensvc.service.stop(grace=0)
-        assert (await initialize_status(s.url))[0] == 200  # the last token, still
+        assert (await mcp_initialize(s.url)).status_code == 200  # the last token, still
         async with s.restarted_tokensvc() as back:
             # Envoy reconnects saying what it holds (initial_resource_versions):
             # tokensvc records it and sends nothing, since nothing changed.
@@ -220,7 +209,8 @@ async def test_envoy_over_delta_resumes_without_a_resend_and_fails_closed(
             deleted = time.monotonic()
             await back.admin.DeleteServer(pb.DeleteServerRequest(id="weather"), metadata=s.admin_md)
             await until_version(envoy, "weather", lambda v: v == "empty")
-            status, body = await initialize_status(s.url)
+            answer = await mcp_initialize(s.url)  # through Envoy, which adds the token
+            status, body = answer.status_code, answer.text
             print(f"over delta, a delete made Envoy refuse in {time.monotonic() - deleted:.2f} s")
             assert status == 401, body
 
@@ -232,4 +222,4 @@ async def revoking_the_key_makes_envoy_refuse(
     [key] = [c for c in callers.callers if c.name == "envoy"]
     await tokensvc.admin.RevokeCaller(pb.RevokeCallerRequest(id=key.id), metadata=admin_md)
     await until_version(envoy, "weather", lambda v: v == "empty")
-    assert (await initialize_status(url))[0] == 401  # not the revoked key's last token
+    assert (await mcp_initialize(url)).status_code == 401  # not the revoked key's last token

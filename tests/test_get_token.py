@@ -4,7 +4,6 @@ flight, compare-and-refresh, failures, revisions, restarts."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,11 +15,7 @@ from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.errors import AuthorizationServerUnavailable
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, FakeClock, Harness, error_info, running_service
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+from support import CLIENT_ID, SECRET, FakeClock, Harness, error_info, running_service, sha
 
 
 def get(server_id: str = "alpha", **fields: object) -> pb.GetTokenRequest:

@@ -1,7 +1,9 @@
 """The size limits of the house: modules of one job stay small enough to read.
 
 No module of tokensvc over 450 lines, no class over 300, no RPC method of a
-servicer over 30 (the generated stubs in tokensvc/v1 aside).
+servicer over 30 (the generated stubs in tokensvc/v1 aside). And the tests
+have one of each helper: those of support.py and replicas.py are not written
+again in a test module, and one fixture starts the authorization server.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tokensvc"
+TESTS = Path(__file__).resolve().parent
+SHARED = ("support.py", "replicas.py")  # the tests' helpers: in-process, and replicas
 MAX_MODULE, MAX_CLASS, MAX_RPC = 450, 300, 30
 
 
@@ -129,3 +133,58 @@ def test_the_error_reasons_agree_in_the_code_the_proto_and_the_readme() -> None:
     assert ("ABORTED", "REGISTRATION_CHANGED") in expected  # the walk finds them
     assert in_proto == expected
     assert in_readme == expected
+
+
+# --- the tests' helpers: one of each ------------------------------------------------
+
+
+def suite_modules() -> list[Path]:
+    return sorted(p for p in TESTS.rglob("*.py") if "node_modules" not in p.parts)
+
+
+def definitions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
+    """The functions and classes a module defines at its top level."""
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return [node for node in ast.parse(path.read_text()).body if isinstance(node, kinds)]
+
+
+def is_fixture(node: ast.AST) -> bool:
+    decorators = [ast.unparse(d) for d in getattr(node, "decorator_list", [])]
+    return any(d == "pytest.fixture" or d.startswith("pytest.fixture(") for d in decorators)
+
+
+def test_no_test_module_writes_a_shared_helper_again() -> None:
+    """A fixture may override one of support's by name (pytest's own way to
+    change it for a module); any other function or class of the same name as
+    one of support.py or replicas.py is a fork."""
+    shared: dict[str, list[str]] = {}
+    for name in SHARED:
+        for node in definitions(TESTS / name):
+            shared.setdefault(node.name, []).append(name)
+    assert {"Watcher", "register", "eventually", "FakeClock", "auth"} <= set(shared)
+    twice = {name: where for name, where in shared.items() if len(where) > 1}
+    assert not twice, f"in both shared modules: {twice}"
+    forks = [
+        f"{path.relative_to(TESTS)}:{node.name}"
+        for path in suite_modules()
+        if path.name not in SHARED
+        for node in definitions(path)
+        if node.name in shared and not is_fixture(node)
+    ]
+    assert not forks, f"written again (use the one in {SHARED}): {forks}"
+
+
+def test_one_fixture_starts_the_authorization_server() -> None:
+    """Others take ``auth`` and add clients or behaviour to it; a test may still
+    start a second server of its own (another issuer, a restart)."""
+    starters = [
+        f"{path.relative_to(TESTS)}:{node.name}"
+        for path in suite_modules()
+        for node in definitions(path)
+        if is_fixture(node)
+        and any(
+            isinstance(call, ast.Call) and ast.unparse(call.func) == "AuthServer"
+            for call in ast.walk(node)
+        )
+    ]
+    assert starters == ["support.py:auth"]

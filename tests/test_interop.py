@@ -34,7 +34,7 @@ from oidc import (
     key_client,
     secret_client,
 )
-from support import header_and_claims, running_service, whoami
+from support import bearer_call, header_and_claims, running_service, whoami
 
 TTL = 60  # seconds, the provider's client_credentials token lifetime
 # oidc-provider takes printable ASCII secrets only (no "é"); these characters
@@ -89,23 +89,6 @@ async def post_token(
             data={"grant_type": "client_credentials", **form},
             headers=headers,
         )
-
-
-async def initialize_status(mcp: ProtectedMCPServer, token: str) -> int:
-    """The HTTP status of a bare MCP initialize carrying ``token``."""
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-11-25",
-            "capabilities": {},
-            "clientInfo": {"name": "raw", "version": "0"},
-        },
-    }
-    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {token}"}
-    async with httpx2.AsyncClient() as http:
-        return (await http.post(mcp.url, json=body, headers=headers)).status_code
 
 
 # --- the provider, with plain httpx2 -----------------------------------------------
@@ -350,7 +333,7 @@ async def test_without_resource_the_token_is_opaque_and_refused_by_the_mcp_serve
     body = response.json()
     assert "." not in body["access_token"]  # opaque: no resource server, no JWT
     assert "scope" not in body  # "read" is no OpenID scope, and no resource offers it
-    assert await initialize_status(mcp, body["access_token"]) == 401
+    assert await bearer_call(mcp.url, body["access_token"]) == 401
 
 
 async def test_either_secret_method_works_whichever_is_registered(

@@ -12,7 +12,7 @@ import base64
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from urllib.parse import quote
 
 import httpx2
 import pytest
@@ -24,32 +24,12 @@ from mcp_types import INTERNAL_ERROR
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 
-from support import Bearer, FakeClock
-
-CLIENT_ID, SECRET = "mcp-broker", "s3cret"
-INITIALIZE = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {
-        "protocolVersion": "2025-11-25",
-        "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "0"},
-    },
-}
-MCP_HEADERS = {"Accept": "application/json, text/event-stream"}
+from support import CLIENT_ID, SECRET, Bearer, FakeClock, header_and_claims, mcp_initialize
 
 
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(real_until_moved=True)
-
-
-@pytest.fixture
-async def auth(authserver: AuthServer) -> AuthServer:
-    """Overrides support's ``auth``: a secret that plain httpx2 basic auth sends as is."""
-    authserver.add_client(CLIENT_ID, SECRET, scopes=("read", "write"))
-    return authserver
 
 
 @pytest.fixture
@@ -65,27 +45,12 @@ async def fetch_token(auth: AuthServer, resource: str, scope: str = "read") -> s
         response = await http.post(
             auth.token_endpoint,
             data={"grant_type": "client_credentials", "resource": resource, "scope": scope},
-            auth=(CLIENT_ID, SECRET),
+            # client_secret_basic form-encodes both before base64 (RFC 6749 2.3.1).
+            auth=(quote(CLIENT_ID, safe=""), quote(SECRET, safe="")),
         )
     response.raise_for_status()
     token: str = response.json()["access_token"]
     return token
-
-
-def claims_of(token: str) -> dict[str, Any]:
-    payload = token.split(".")[1]
-    claims: dict[str, Any] = json.loads(
-        base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-    )
-    return claims
-
-
-async def post_initialize(url: str, token: str | None) -> httpx2.Response:
-    headers = dict(MCP_HEADERS)
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    async with httpx2.AsyncClient() as http:
-        return await http.post(url, json=INITIALIZE, headers=headers)
 
 
 def assert_401(response: httpx2.Response, mcp_server: ProtectedMCPServer) -> None:
@@ -103,7 +68,7 @@ async def test_valid_token_initialize_list_and_call_tools(
     """``mode="legacy"`` is the initialize handshake (2025-11-25, a session and its
     GET stream); ``"auto"`` probes ``server/discover`` and speaks 2026-07-28."""
     token = await fetch_token(auth, resource=mcp_server.url)
-    assert claims_of(token)["aud"] == mcp_server.url
+    assert header_and_claims(token)[1]["aud"] == mcp_server.url
 
     # The client call shape: an httpx2.AsyncClient carrying the Auth, handed to the
     # streamable HTTP transport, handed to Client. The caller owns the AsyncClient.
@@ -125,7 +90,7 @@ async def test_valid_token_initialize_list_and_call_tools(
         assert who.structured_content == {
             "client_id": CLIENT_ID,
             "scopes": ["read"],
-            "jti": claims_of(token)["jti"],
+            "jti": header_and_claims(token)[1]["jti"],
         }
 
     assert mcp_server.tool_calls == 3
@@ -138,14 +103,14 @@ async def test_token_expires_by_the_servers_clock(
 ) -> None:
     auth.behaviour.lifetime = 60
     token = await fetch_token(auth, resource=mcp_server.url)
-    exp = claims_of(token)["exp"]
+    exp = header_and_claims(token)[1]["exp"]
 
     clock.now = datetime.fromtimestamp(exp - 0.5, UTC)
-    assert (await post_initialize(mcp_server.url, token)).status_code == 200
+    assert (await mcp_initialize(mcp_server.url, token)).status_code == 200
     assert (mcp_server.accepted, mcp_server.rejected) == (1, 0)
 
     clock.now = datetime.fromtimestamp(exp + 1, UTC)  # past exp and the 1 s of leeway
-    assert_401(await post_initialize(mcp_server.url, token), mcp_server)
+    assert_401(await mcp_initialize(mcp_server.url, token), mcp_server)
     assert (mcp_server.accepted, mcp_server.rejected) == (1, 1)
 
 
@@ -153,13 +118,13 @@ async def test_token_for_another_resource_is_refused(
     auth: AuthServer, mcp_server: ProtectedMCPServer
 ) -> None:
     token = await fetch_token(auth, resource="http://127.0.0.1:9/other/mcp")
-    assert_401(await post_initialize(mcp_server.url, token), mcp_server)
+    assert_401(await mcp_initialize(mcp_server.url, token), mcp_server)
     assert (mcp_server.accepted, mcp_server.rejected) == (0, 1)
 
 
 def _tampered(token: str) -> str:
     header, _, signature = token.split(".")
-    claims = claims_of(token) | {"scope": "read write admin"}
+    claims = header_and_claims(token)[1] | {"scope": "read write admin"}
     payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     return f"{header}.{payload}.{signature}"
 
@@ -171,21 +136,20 @@ async def test_bad_token_is_answered_401(
     auth: AuthServer, mcp_server: ProtectedMCPServer, kind: str
 ) -> None:
     good = await fetch_token(auth, resource=mcp_server.url)
-    headers = dict(MCP_HEADERS)
+    authorization = None
     if kind == "garbage":
-        headers["Authorization"] = "Bearer not.a.jwt"
+        authorization = "Bearer not.a.jwt"
     elif kind == "not-bearer":
-        headers["Authorization"] = f"Basic {good}"
+        authorization = f"Basic {good}"
     elif kind == "tampered":
-        headers["Authorization"] = f"Bearer {_tampered(good)}"
+        authorization = f"Bearer {_tampered(good)}"
     elif kind == "other-issuer-key":
         # Signed by another server's key, with a kid this JWKS does not have.
         async with AuthServer() as other:
             other.add_client(CLIENT_ID, SECRET)
-            headers["Authorization"] = f"Bearer {await fetch_token(other, resource=mcp_server.url)}"
+            authorization = f"Bearer {await fetch_token(other, resource=mcp_server.url)}"
 
-    async with httpx2.AsyncClient() as http:
-        response = await http.post(mcp_server.url, json=INITIALIZE, headers=headers)
+    response = await mcp_initialize(mcp_server.url, authorization=authorization)
 
     assert_401(response, mcp_server)
     assert response.json()["error"] == "invalid_token"
@@ -197,8 +161,8 @@ async def test_wrong_issuer_is_refused(auth: AuthServer) -> None:
     good_issuer = ProtectedMCPServer(issuer=auth.issuer, jwk=auth.public_jwk)
     bad_issuer = ProtectedMCPServer(issuer="http://127.0.0.1:9/issuer", jwk=auth.public_jwk)
     async with good_issuer, bad_issuer:
-        ok = await post_initialize(good_issuer.url, await fetch_token(auth, good_issuer.url))
-        refused = await post_initialize(bad_issuer.url, await fetch_token(auth, bad_issuer.url))
+        ok = await mcp_initialize(good_issuer.url, await fetch_token(auth, good_issuer.url))
+        refused = await mcp_initialize(bad_issuer.url, await fetch_token(auth, bad_issuer.url))
 
     assert ok.status_code == 200
     assert_401(refused, bad_issuer)

@@ -14,7 +14,7 @@ from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.errors import ConfigurationError
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import FakeClock, Watcher, running_service, sample, scrape
+from support import FakeClock, Watcher, epoch, running_service, sample, scrape
 
 GET_TOKEN = "tokensvc.v1.TokenService/GetToken"
 WATCH = "tokensvc.v1.TokenService/WatchTokens"
@@ -56,7 +56,7 @@ async def test_an_operator_sees_expiry_results_by_reason_and_every_rpc_unary_or_
         after = await scrape(port)
 
     expiry = sample(during, "tokensvc_token_expiry_timestamp_seconds", server_id="m-ok")
-    assert expiry == token.expires_at.seconds + token.expires_at.nanos / 1e9
+    assert expiry == epoch(token.expires_at)
     issued = sample(during, "tokensvc_token_issued_timestamp_seconds", server_id="m-ok")
     assert issued is not None and issued < expiry
     requests = "tokensvc_token_requests_total"
@@ -181,7 +181,7 @@ async def test_without_the_server_label_the_soonest_expiry_is_shown(
         metrics.configure(per_server=True)
     assert "m-short" not in text and "m-long" not in text
     assert sample(text, "tokensvc_token_expiry_timestamp_seconds") == pytest.approx(
-        short.expires_at.seconds + short.expires_at.nanos / 1e9
+        epoch(short.expires_at)
     )
     assert sample(text, "tokensvc_token_requests_total", result="ok") is not None
 

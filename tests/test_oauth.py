@@ -42,9 +42,8 @@ from tokensvc.registration import (
 )
 from tokensvc.token import Secret, Token
 
-from support import FakeClock
+from support import CLIENT_ID, SECRET, FakeClock
 
-SECRET = "pa:ss+w%rd/é€"
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 MOCK_ENDPOINT = "http://127.0.0.1:9/token"
 
@@ -54,7 +53,7 @@ def spec_for(token_endpoint: str, **changes: object) -> ServerSpec:
         "id": "files",
         "mcp_url": "http://127.0.0.1:8931/mcp",
         "token_endpoint": token_endpoint,
-        "client_id": "broker",
+        "client_id": CLIENT_ID,
         "scopes": ("read",),
     }
     fields.update(changes)
@@ -76,8 +75,8 @@ def assert_safe(exc: FetchError, *hidden: str) -> None:
     assert exc.__context__ is None
 
 
-def claims_of(token: Token, server: AuthServer) -> dict[str, object]:
-    key = RSAKey.import_key(server.public_jwk)
+def claims_of(token: Token, auth: AuthServer) -> dict[str, object]:
+    key = RSAKey.import_key(auth.public_jwk)
     return dict(jwt.decode(token.access_token, key, algorithms=["RS256"]).claims)
 
 
@@ -86,12 +85,6 @@ async def fetcher() -> AsyncIterator[TokenFetcher]:
     fetcher = TokenFetcher(clock=FakeClock(T0))
     yield fetcher
     await fetcher.aclose()
-
-
-@pytest.fixture
-def server(authserver: AuthServer) -> AuthServer:
-    authserver.add_client("broker", SECRET, scopes=("read", "write"))
-    return authserver
 
 
 def mock_fetcher(
@@ -117,10 +110,10 @@ async def mock_fetch(
 
 
 async def test_basic_auth_form_urlencodes_secret_before_base64(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
     spec = spec_for(
-        server.token_endpoint,
+        auth.token_endpoint,
         scopes=("read", "write"),
         resource="https://files.example/mcp",
         audience="files-api",
@@ -129,123 +122,126 @@ async def test_basic_auth_form_urlencodes_secret_before_base64(
 
     token = await fetcher.fetch(spec, credential())
 
-    scheme, encoded = server.last_headers["authorization"].split(" ", 1)
+    scheme, encoded = auth.last_headers["authorization"].split(" ", 1)
     assert scheme == "Basic"
-    assert base64.b64decode(encoded).decode("ascii") == "broker:pa%3Ass%2Bw%25rd%2F%C3%A9%E2%82%AC"
-    assert server.last_form == {
+    assert (
+        base64.b64decode(encoded).decode("ascii")
+        == "broker-client:cs-Sup3r%3ASecret%2B%25%C3%A9%E2%82%AC-7f1a"
+    )
+    assert auth.last_form == {
         "grant_type": "client_credentials",
         "scope": "read write",
         "resource": "https://files.example/mcp",
         "audience": "files-api",
         "tenant": "acme corp",
     }
-    assert server.last_headers["content-type"].startswith("application/x-www-form-urlencoded")
-    assert token.access_token == server.issued[-1]
+    assert auth.last_headers["content-type"].startswith("application/x-www-form-urlencoded")
+    assert token.access_token == auth.issued[-1]
     assert token.token_type == "Bearer"
     assert token.scopes == ("read", "write")
 
 
 async def test_post_auth_sends_client_id_and_secret_in_the_form_body(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    spec = spec_for(server.token_endpoint, auth_method=AuthMethod.CLIENT_SECRET_POST)
+    spec = spec_for(auth.token_endpoint, auth_method=AuthMethod.CLIENT_SECRET_POST)
 
     token = await fetcher.fetch(spec, credential())
 
-    assert "authorization" not in server.last_headers
-    assert server.last_form == {
+    assert "authorization" not in auth.last_headers
+    assert auth.last_form == {
         "grant_type": "client_credentials",
-        "client_id": "broker",
+        "client_id": CLIENT_ID,
         "client_secret": SECRET,
         "scope": "read",
         "resource": "http://127.0.0.1:8931/mcp",
     }
-    assert token.access_token == server.issued[-1]
+    assert token.access_token == auth.issued[-1]
 
 
 async def test_resource_defaults_to_mcp_url_and_becomes_the_audience_of_the_jwt(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
+    token = await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
-    claims = claims_of(token, server)
-    assert server.last_form["resource"] == "http://127.0.0.1:8931/mcp"
+    claims = claims_of(token, auth)
+    assert auth.last_form["resource"] == "http://127.0.0.1:8931/mcp"
     assert claims["aud"] == "http://127.0.0.1:8931/mcp"
-    assert claims["iss"] == server.issuer
-    assert claims["sub"] == "broker"
+    assert claims["iss"] == auth.issuer
+    assert claims["sub"] == CLIENT_ID
     assert claims["scope"] == "read"
 
 
 async def test_extra_params_named_like_http_client_options_are_sent_as_form_fields(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
     extra = (("proxy", "p"), ("verify", "no"), ("timeout", "1"), ("headers", "h"))
 
-    await fetcher.fetch(spec_for(server.token_endpoint, extra_token_params=extra), credential())
+    await fetcher.fetch(spec_for(auth.token_endpoint, extra_token_params=extra), credential())
 
-    assert {key: server.last_form[key] for key, _ in extra} == dict(extra)
+    assert {key: auth.last_form[key] for key, _ in extra} == dict(extra)
 
 
 async def test_no_scope_requested_takes_the_scopes_the_server_grants(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    token = await fetcher.fetch(spec_for(server.token_endpoint, scopes=()), credential())
+    token = await fetcher.fetch(spec_for(auth.token_endpoint, scopes=()), credential())
 
-    assert "scope" not in server.last_form
+    assert "scope" not in auth.last_form
     assert token.scopes == ("read", "write")
 
 
 async def test_concurrent_fetches_for_different_clients_keep_their_own_credentials(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.add_client("other", "other-secret")
-    specs = [spec_for(server.token_endpoint, client_id=c) for c in ("broker", "other") * 5]
+    auth.add_client("other", "other-secret")
+    specs = [spec_for(auth.token_endpoint, client_id=c) for c in (CLIENT_ID, "other") * 5]
     creds = [credential(), credential("other-secret")] * 5
 
     tokens = await asyncio.gather(*(fetcher.fetch(s, c) for s, c in zip(specs, creds, strict=True)))
 
-    assert [claims_of(t, server)["sub"] for t in tokens] == ["broker", "other"] * 5
+    assert [claims_of(t, auth)["sub"] for t in tokens] == [CLIENT_ID, "other"] * 5
 
 
 # -- expiry ----------------------------------------------------------------------------
 
 
 async def test_expires_in_as_a_decimal_string_counts_from_receipt(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour.expires_in = "3599.5"
+    auth.behaviour.expires_in = "3599.5"
 
-    token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
+    token = await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert token.issued_at == T0
     assert token.expires_at == T0 + timedelta(seconds=3599.5)
 
 
-async def test_missing_expires_in_falls_back_to_the_jwt_exp(server: AuthServer) -> None:
-    server.behaviour = Behaviour(expires_in=None, lifetime=600)
+async def test_missing_expires_in_falls_back_to_the_jwt_exp(auth: AuthServer) -> None:
+    auth.behaviour = Behaviour(expires_in=None, lifetime=600)
     now = datetime.now(UTC)
     fetcher = TokenFetcher(clock=FakeClock(now))
 
     try:
-        token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        token = await fetcher.fetch(spec_for(auth.token_endpoint), credential())
     finally:
         await fetcher.aclose()
 
-    exp = claims_of(token, server)["exp"]
+    exp = claims_of(token, auth)["exp"]
     assert isinstance(exp, int)
     assert token.expires_at == datetime.fromtimestamp(exp, UTC)
     assert timedelta(seconds=590) < token.expires_at - now <= timedelta(seconds=601)
 
 
 async def test_missing_expires_in_with_an_expired_jwt_uses_the_default_lifetime(
-    server: AuthServer,
+    auth: AuthServer,
 ) -> None:
-    server.behaviour = Behaviour(expires_in=None, lifetime=-60)
+    auth.behaviour = Behaviour(expires_in=None, lifetime=-60)
     now = datetime.now(UTC)
     fetcher = TokenFetcher(clock=FakeClock(now), default_lifetime=timedelta(seconds=42))
 
     try:
-        token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        token = await fetcher.fetch(spec_for(auth.token_endpoint), credential())
     finally:
         await fetcher.aclose()
 
@@ -284,11 +280,11 @@ async def test_a_huge_expires_in_is_capped_instead_of_overflowing() -> None:
 
 
 async def test_lowercase_bearer_token_type_comes_back_as_bearer(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour.token_type = "bearer"
+    auth.behaviour.token_type = "bearer"
 
-    token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
+    token = await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert token.token_type == "Bearer"
 
@@ -296,12 +292,12 @@ async def test_lowercase_bearer_token_type_comes_back_as_bearer(
 # -- refusals --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("client_id", "secret"), [("broker", "wrong"), ("nobody", SECRET)])
+@pytest.mark.parametrize(("client_id", "secret"), [(CLIENT_ID, "wrong"), ("nobody", SECRET)])
 @pytest.mark.parametrize("method", [AuthMethod.CLIENT_SECRET_BASIC, AuthMethod.CLIENT_SECRET_POST])
 async def test_invalid_client_raises_credentials_rejected_with_the_error_fields(
-    server: AuthServer, fetcher: TokenFetcher, client_id: str, secret: str, method: AuthMethod
+    auth: AuthServer, fetcher: TokenFetcher, client_id: str, secret: str, method: AuthMethod
 ) -> None:
-    spec = spec_for(server.token_endpoint, client_id=client_id, auth_method=method)
+    spec = spec_for(auth.token_endpoint, client_id=client_id, auth_method=method)
 
     with pytest.raises(CredentialsRejected) as caught:
         await fetcher.fetch(spec, credential(secret))
@@ -314,14 +310,14 @@ async def test_invalid_client_raises_credentials_rejected_with_the_error_fields(
 
 
 async def test_401_without_a_json_body_raises_credentials_rejected(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour = Behaviour(
+    auth.behaviour = Behaviour(
         fail_status=401, fail_body="Unauthorized", fail_content_type="text/plain"
     )
 
     with pytest.raises(CredentialsRejected) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.oauth.status_code == 401
     assert caught.value.oauth.error == ""
@@ -329,10 +325,10 @@ async def test_401_without_a_json_body_raises_credentials_rejected(
 
 
 async def test_invalid_scope_raises_token_request_rejected(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
     with pytest.raises(TokenRequestRejected) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint, scopes=("admin",)), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint, scopes=("admin",)), credential())
 
     assert caught.value.oauth.error == "invalid_scope"
     assert caught.value.oauth.status_code == 400
@@ -341,9 +337,9 @@ async def test_invalid_scope_raises_token_request_rejected(
 
 
 async def test_invalid_target_raises_token_request_rejected(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    spec = spec_for(server.token_endpoint, resource="https://files.example/mcp#part")
+    spec = spec_for(auth.token_endpoint, resource="https://files.example/mcp#part")
 
     with pytest.raises(TokenRequestRejected) as caught:
         await fetcher.fetch(spec, credential())
@@ -353,14 +349,14 @@ async def test_invalid_target_raises_token_request_rejected(
 
 
 async def test_a_200_carrying_an_error_field_is_a_refusal(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour = Behaviour(
+    auth.behaviour = Behaviour(
         fail_status=200, fail_body='{"error": "invalid_grant", "error_description": "nope"}'
     )
 
     with pytest.raises(TokenRequestRejected) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.oauth.error == "invalid_grant"
     assert caught.value.oauth.error_description == "nope"
@@ -430,27 +426,27 @@ async def test_private_key_jwt_sends_a_signed_assertion_and_no_secret(
         await fetcher.aclose()
     form = forms[0]
     assert form["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-    assert form["client_id"] == "broker" and "client_secret" not in form
+    assert form["client_id"] == CLIENT_ID and "client_secret" not in form
     token = jose_jwt.decode(form["client_assertion"], import_key(public), algorithms=[expected_alg])
     assert token.header["alg"] == expected_alg and token.header["kid"] == "key-1"
     claims = token.claims
-    assert claims["iss"] == claims["sub"] == "broker" and claims["aud"] == expected_aud
+    assert claims["iss"] == claims["sub"] == CLIENT_ID and claims["aud"] == expected_aud
     assert claims["exp"] - claims["iat"] == 300 and len(claims["jti"]) >= 16
     assert "PRIVATE KEY" not in form["client_assertion"]
 
 
-async def test_a_key_is_never_used_as_a_secret_nor_a_secret_as_a_key(server: AuthServer) -> None:
+async def test_a_key_is_never_used_as_a_secret_nor_a_secret_as_a_key(auth: AuthServer) -> None:
     fetcher = TokenFetcher()
     try:
         with pytest.raises(TokenRequestRejected) as caught:
             await fetcher.fetch(
-                spec_for(server.token_endpoint, auth_method=AuthMethod.PRIVATE_KEY_JWT),
+                spec_for(auth.token_endpoint, auth_method=AuthMethod.PRIVATE_KEY_JWT),
                 credential(),
             )
     finally:
         await fetcher.aclose()
     assert "private_key_jwt" in str(caught.value)
-    assert server.token_requests == 0
+    assert auth.token_requests == 0
     assert_safe(caught.value)
 
 
@@ -509,12 +505,12 @@ async def test_an_echoed_secret_and_control_characters_never_reach_the_error() -
 
 
 async def test_500_raises_authorization_server_unavailable(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour = Behaviour(fail_status=500)
+    auth.behaviour = Behaviour(fail_status=500)
 
     with pytest.raises(AuthorizationServerUnavailable) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.oauth.status_code == 500
     assert caught.value.oauth.error == "server_error"
@@ -523,13 +519,13 @@ async def test_500_raises_authorization_server_unavailable(
 
 
 async def test_html_502_raises_unavailable_and_the_html_never_shows(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
     page = "<html><body><h1>502 Bad Gateway</h1><p>upstream nginx/1.25 said no</p></body></html>"
-    server.behaviour = Behaviour(fail_status=502, fail_body=page, fail_content_type="text/html")
+    auth.behaviour = Behaviour(fail_status=502, fail_body=page, fail_content_type="text/html")
 
     with pytest.raises(AuthorizationServerUnavailable) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.oauth.status_code == 502
     assert caught.value.oauth.error == ""
@@ -541,12 +537,12 @@ async def test_html_502_raises_unavailable_and_the_html_never_shows(
     [("17", 17.0), (format_datetime(T0 + timedelta(seconds=90), usegmt=True), 90.0)],
 )
 async def test_429_with_retry_after_raises_unavailable_with_the_delay(
-    server: AuthServer, fetcher: TokenFetcher, header: str, seconds: float
+    auth: AuthServer, fetcher: TokenFetcher, header: str, seconds: float
 ) -> None:
-    server.behaviour = Behaviour(fail_status=429, retry_after=header)
+    auth.behaviour = Behaviour(fail_status=429, retry_after=header)
 
     with pytest.raises(AuthorizationServerUnavailable) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.retry_after == seconds
     assert caught.value.oauth.status_code == 429
@@ -554,12 +550,12 @@ async def test_429_with_retry_after_raises_unavailable_with_the_delay(
 
 
 async def test_503_with_retry_after_passes_the_delay_on(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour = Behaviour(fail_status=503, fail_body="down", retry_after="120")
+    auth.behaviour = Behaviour(fail_status=503, fail_body="down", retry_after="120")
 
     with pytest.raises(AuthorizationServerUnavailable) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.retry_after == 120.0
 
@@ -581,25 +577,25 @@ async def test_503_with_retry_after_passes_the_delay_on(
     ],
 )
 async def test_a_200_without_a_usable_token_raises_invalid_token_response(
-    server: AuthServer, fetcher: TokenFetcher, body: str
+    auth: AuthServer, fetcher: TokenFetcher, body: str
 ) -> None:
-    server.behaviour = Behaviour(fail_status=200, fail_body=body, fail_content_type="text/plain")
+    auth.behaviour = Behaviour(fail_status=200, fail_body=body, fail_content_type="text/plain")
 
     with pytest.raises(InvalidTokenResponse) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert caught.value.oauth.status_code == 200
     assert_safe(caught.value, "abc")
 
 
 async def test_a_response_larger_than_the_cap_raises_invalid_token_response(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
     huge = json.dumps({"access_token": "a" * 100_000, "token_type": "Bearer"})
-    server.behaviour = Behaviour(fail_status=200, fail_body=huge)
+    auth.behaviour = Behaviour(fail_status=200, fail_body=huge)
 
     with pytest.raises(InvalidTokenResponse) as caught:
-        await fetcher.fetch(spec_for(server.token_endpoint), credential())
+        await fetcher.fetch(spec_for(auth.token_endpoint), credential())
 
     assert "larger than 65536 bytes" in str(caught.value)
     assert_safe(caught.value, "a" * 100)
@@ -637,22 +633,22 @@ async def test_connection_refused_raises_unavailable(fetcher: TokenFetcher) -> N
 
 
 async def test_a_server_slower_than_the_timeout_raises_unavailable_in_time(
-    server: AuthServer,
+    auth: AuthServer,
 ) -> None:
-    server.behaviour.delay = 0.8
+    auth.behaviour.delay = 0.8
     fetcher = TokenFetcher(Egress(timeout=0.3))
     loop = asyncio.get_running_loop()
     started = loop.time()
 
     try:
         with pytest.raises(AuthorizationServerUnavailable) as caught:
-            await fetcher.fetch(spec_for(server.token_endpoint), credential())
+            await fetcher.fetch(spec_for(auth.token_endpoint), credential())
     finally:
         await fetcher.aclose()
 
     assert loop.time() - started < 0.8
     assert "could not reach the token endpoint" in str(caught.value)
-    assert server.token_requests == 1
+    assert auth.token_requests == 1
     assert_safe(caught.value)
 
 
@@ -679,36 +675,36 @@ async def test_cookies_set_by_the_token_endpoint_are_never_sent_back() -> None:
 
 
 async def test_a_gated_request_is_answered_only_once_released(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    server.behaviour.gate = asyncio.Event()
-    fetch = asyncio.ensure_future(fetcher.fetch(spec_for(server.token_endpoint), credential()))
+    auth.behaviour.gate = asyncio.Event()
+    fetch = asyncio.ensure_future(fetcher.fetch(spec_for(auth.token_endpoint), credential()))
 
-    await server.wait_for_requests(1)
+    await auth.wait_for_requests(1)
     assert not fetch.done()
-    assert len(server.issued) == 1  # decided on arrival; only the answer is held
-    server.behaviour.gate.set()
+    assert len(auth.issued) == 1  # decided on arrival; only the answer is held
+    auth.behaviour.gate.set()
 
-    assert (await fetch).access_token == server.issued[0]
+    assert (await fetch).access_token == auth.issued[0]
 
 
 async def test_the_demo_server_publishes_metadata_and_keys_that_verify_its_tokens(
-    server: AuthServer, fetcher: TokenFetcher
+    auth: AuthServer, fetcher: TokenFetcher
 ) -> None:
-    token = await fetcher.fetch(spec_for(server.token_endpoint), credential())
+    token = await fetcher.fetch(spec_for(auth.token_endpoint), credential())
     async with httpx2.AsyncClient() as client:
-        metadata = (await client.get(server.url + "/.well-known/oauth-authorization-server")).json()
+        metadata = (await client.get(auth.url + "/.well-known/oauth-authorization-server")).json()
         jwks = (await client.get(metadata["jwks_uri"])).json()
 
-    assert metadata["issuer"] == server.issuer
-    assert metadata["token_endpoint"] == server.token_endpoint
+    assert metadata["issuer"] == auth.issuer
+    assert metadata["token_endpoint"] == auth.token_endpoint
     assert metadata["grant_types_supported"] == ["client_credentials"]
     assert set(metadata["token_endpoint_auth_methods_supported"]) == {
         "client_secret_basic",
         "client_secret_post",
     }
     key = RSAKey.import_key(jwks["keys"][0])
-    assert jwt.decode(token.access_token, key, algorithms=["RS256"]).claims["iss"] == server.issuer
+    assert jwt.decode(token.access_token, key, algorithms=["RS256"]).claims["iss"] == auth.issuer
 
 
 async def test_a_token_response_that_echoes_the_secret_keeps_it_out_of_type_and_scopes() -> None:

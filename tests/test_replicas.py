@@ -23,58 +23,32 @@ from urllib.parse import urlsplit
 import asyncpg
 import grpc
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from replicas import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     LISTENING,
     NOT_SERVING_STATUS,
     SERVING_STATUS,
     Cluster,
     HealthWatch,
-    Seen,
-    Watcher,
-    eventually,
     pid_of_user_agent,
-    register,
     replica_cluster,
     run_tokensvc,
     start_replica,
     tokensvc_env,
 )
-from support import PG_DSN, REQUIRE_PG
+from support import CLIENT_ID, PG_DSN, REQUIRE_PG, Seen, epoch, eventually, register
 
 # What the issue asks of a change reaching another replica's watcher is under a
 # second; this leaves room for a busy two-core machine. The figure is printed.
 PROPAGATION_BOUND = 1.5
 
 
-def epoch(timestamp: Timestamp) -> float:
-    return timestamp.seconds + timestamp.nanos / 1e9
-
-
 def token_version(seen: Seen) -> int:
     return int(seen.event.token.version)
-
-
-@pytest.fixture
-async def auth() -> AsyncIterator[AuthServer]:
-    async with AuthServer() as server:
-        server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=("read", "write"))
-        yield server
-
-
-@pytest.fixture
-async def short_lived() -> AsyncIterator[AuthServer]:
-    """Tokens that live 3 s: a rotation every 1.5 s or so."""
-    async with AuthServer(behaviour=Behaviour(lifetime=3)) as server:
-        server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=("read", "write"))
-        yield server
 
 
 async def lock_waiters_are(cluster: Cluster, expected: list[bool]) -> bool:
@@ -116,14 +90,14 @@ async def test_600_concurrent_calls_on_3_replicas_for_a_cold_server_make_one_tok
 
 
 async def test_replicas_make_about_one_token_request_per_rotation_not_one_each(
-    short_lived: AuthServer,
+    auth: AuthServer,
 ) -> None:
-    auth = short_lived
+    auth.behaviour = Behaviour(lifetime=3)  # a rotation every 1.5 s or so
     async with replica_cluster(3) as cluster:
-        watchers = [Watcher(r, ["alpha"]) for r in cluster.replicas]
+        watchers = [r.watcher("alpha") for r in cluster.replicas]
         try:
             for watcher in watchers:
-                await watcher.synced()
+                await watcher.until("synced")
             await register(cluster.replicas[0].admin, auth, "alpha")
             watcher = watchers[2]
             first = await watcher.wait_for(lambda s: s.kind == "token")
@@ -165,7 +139,7 @@ async def test_a_change_on_one_replica_reaches_a_watcher_on_another_within_a_sec
     async with replica_cluster(3) as cluster:
         a, _, c = cluster.replicas
         await register(a.admin, auth, "alpha", scopes=["read"])
-        watcher = Watcher(c, ["alpha"])
+        watcher = c.watcher("alpha")
         try:
             await watcher.wait_for(lambda s: s.kind == "token")
 
@@ -291,25 +265,23 @@ async def _run(*args: str) -> tuple[int, str]:
     return process.returncode, out.decode(errors="replace")
 
 
-async def test_replicas_ride_out_a_database_restart_and_catch_up_by_themselves() -> None:
+async def test_replicas_ride_out_a_database_restart_and_catch_up_by_themselves(
+    auth: AuthServer,
+) -> None:
     """The restart is a stop, held until every replica reports NOT_SERVING, then
     a start: a plain ``pg_ctlcluster restart`` here refuses connections for only
     ~0.1 s (its 2 s are spent waiting for the new postmaster), which the
     health monitor, checking every 2 s, would see one time in twenty."""
     version = restartable_postgresql()
-    async with (
-        AuthServer(behaviour=Behaviour(lifetime=6)) as auth,
-        replica_cluster(2) as cluster,
-        postgresql_back(version),
-    ):
-        auth.add_client(CLIENT_ID, CLIENT_SECRET, scopes=("read", "write"))
+    auth.behaviour = Behaviour(lifetime=6)
+    async with replica_cluster(2) as cluster, postgresql_back(version):
         await _restart_under_load(cluster, auth, version)
 
 
 async def _restart_under_load(cluster: Cluster, auth: AuthServer, version: str) -> None:
     a, b = cluster.replicas
     await register(a.admin, auth, "alpha", scopes=["read"])
-    watcher = Watcher(b, ["alpha"])
+    watcher = b.watcher("alpha")
     healths = [HealthWatch(r) for r in cluster.replicas]
     answers: list[tuple[float, pb.Token]] = []
     failures: list[grpc.aio.AioRpcError] = []
@@ -394,18 +366,14 @@ async def _restart_under_load(cluster: Cluster, auth: AuthServer, version: str) 
             previous = seen.event.token
 
 
-async def test_after_an_outage_longer_than_the_token_lives_watchers_get_a_new_token_unasked() -> (
-    None
-):
+async def test_after_an_outage_longer_than_the_token_lives_watchers_get_a_new_token_unasked(
+    auth: AuthServer,
+) -> None:
     version = restartable_postgresql()
-    async with (
-        AuthServer(behaviour=Behaviour(lifetime=3)) as auth,
-        replica_cluster(2) as cluster,
-        postgresql_back(version),
-    ):
-        auth.add_client(CLIENT_ID, CLIENT_SECRET, scopes=("read", "write"))
+    auth.behaviour = Behaviour(lifetime=3)
+    async with replica_cluster(2) as cluster, postgresql_back(version):
         a, b = cluster.replicas
-        watcher = Watcher(b, ["alpha"])
+        watcher = b.watcher("alpha")
         health = HealthWatch(b)
         try:
             assert await health.next() == SERVING_STATUS
@@ -436,16 +404,15 @@ async def new_connections_are_refused_as_shutting_down() -> bool:
     return False
 
 
-async def test_health_goes_not_serving_while_postgresql_refuses_connections_as_shutting_down() -> (
-    None
-):
+async def test_health_goes_not_serving_while_postgresql_refuses_connections_as_shutting_down(
+    auth: AuthServer,
+) -> None:
     """A smart shutdown waits for the sessions still open (here one of the
     test's) and meanwhile refuses new connections with SQLSTATE 57P03, as
     every shutdown and start does for a moment. The replica's own sessions
     are ended, so that it must connect anew."""
     version = restartable_postgresql()
-    async with AuthServer() as auth, replica_cluster(1) as cluster, postgresql_back(version):
-        auth.add_client(CLIENT_ID, CLIENT_SECRET, scopes=("read", "write"))
+    async with replica_cluster(1) as cluster, postgresql_back(version):
         (replica,) = cluster.replicas
         health = HealthWatch(replica)
         holder = await asyncpg.connect(PG_DSN, timeout=10)
@@ -486,9 +453,9 @@ async def test_replicas_with_the_same_hostname_and_pid_still_hear_each_other(
         b = await cluster.add(prefix=in_container)
         assert a.replica_id.endswith(":1") and b.replica_id.endswith(":1")
         await register(a.admin, auth, "alpha", scopes=["read"])
-        watcher = Watcher(b, ["alpha"])
+        watcher = b.watcher("alpha")
         try:
-            await watcher.synced()
+            await watcher.until("synced")
             held = await b.get_token("alpha")  # b learns of "alpha" by being asked
             mark = len(watcher.seen)
             await register(a.admin, auth, "alpha", scopes=["read", "write"])

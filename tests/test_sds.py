@@ -24,19 +24,17 @@ from tokensvc.v1 import tokensvc_pb2 as pb
 
 from support import (
     Harness,
+    Metadata,
+    bearer,
     create_pg_database,
     drop_pg_database,
     error_info,
     eventually,
+    first_keys,
     running_service,
 )
 
 NODE = base_pb2.Node(id="gateway-1", cluster="gateway")
-Metadata = tuple[tuple[str, str], ...]
-
-
-def bearer(key: str) -> Metadata:
-    return (("authorization", f"Bearer {key}"),)
 
 
 def header_values(response: Any) -> dict[str, str]:
@@ -78,27 +76,14 @@ class Stream:
 @pytest.fixture
 async def keys(harness: Harness) -> dict[str, Metadata]:
     """An admin key and a broker key for team-a-* (open mode ends with the first)."""
-    admin = await harness.admin.CreateCaller(pb.CreateCallerRequest(name="admin", roles=["admin"]))
-    team_a = await harness.admin.CreateCaller(
-        pb.CreateCallerRequest(name="envoy-a", roles=["broker"], server_patterns=["team-a-*"]),
-        metadata=bearer(admin.key),
-    )
-    return {"admin": bearer(admin.key), "team-a": bearer(team_a.key)}
+    admin, team_a = await first_keys(harness.admin, "team-a-*", broker="envoy-a")
+    return {"admin": bearer(admin), "team-a": bearer(team_a)}
 
 
-async def register(harness: Harness, keys: dict[str, Metadata], *server_ids: str) -> None:
-    """Registers the servers and has their first tokens fetched (GetToken)."""
+async def register_all(harness: Harness, keys: dict[str, Metadata], *server_ids: str) -> None:
+    """Registers the servers and has the team-a ones' first tokens fetched (GetToken)."""
     for server_id in server_ids:
-        request = pb.RegisterServerRequest(
-            server=pb.Server(
-                id=server_id,
-                mcp_url=f"http://127.0.0.1:9/{server_id}/mcp",
-                token_endpoint=harness.auth.token_endpoint,
-                client_id="broker-client",
-            ),
-            client_secret="cs-Sup3r:Secret+%é€-7f1a",
-        )
-        await harness.admin.RegisterServer(request, metadata=keys["admin"])
+        await harness.register(server_id, metadata=keys["admin"])
         if server_id.startswith("team-a-"):
             got = pb.GetTokenRequest(server_id=server_id)
             await harness.tokens.GetToken(got, metadata=keys["team-a"])
@@ -107,7 +92,7 @@ async def register(harness: Harness, keys: dict[str, Metadata], *server_ids: str
 async def test_a_scoped_key_gets_its_servers_only_and_no_key_gets_nothing(
     harness: Harness, keys: dict[str, Metadata]
 ) -> None:
-    await register(harness, keys, "team-a-x", "team-b-x")
+    await register_all(harness, keys, "team-a-x", "team-b-x")
     sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
     stream = Stream(sds.StreamSecrets, keys["team-a"])
     names = ["team-a-x", "team-b-x"]
@@ -178,7 +163,7 @@ async def test_a_scoped_key_gets_its_servers_only_and_no_key_gets_nothing(
 async def test_fetch_secrets_answers_once_with_the_current_secret(
     harness: Harness, keys: dict[str, Metadata]
 ) -> None:
-    await register(harness, keys, "team-a-x")
+    await register_all(harness, keys, "team-a-x")
     sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
     response = await sds.FetchSecrets(
         xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x", "team-a-unknown"]),
@@ -223,7 +208,7 @@ async def test_a_stream_asking_for_a_name_that_is_no_server_id_fails_naming_it(
 async def test_delta_subscribe_unsubscribe_emptied_and_reconnect(
     harness: Harness, keys: dict[str, Metadata]
 ) -> None:
-    await register(harness, keys, "team-a-x", "team-a-y")
+    await register_all(harness, keys, "team-a-x", "team-a-y")
     sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
     delta = Stream(sds.DeltaSecrets, keys["team-a"])
     await delta.requests.put(
@@ -250,7 +235,7 @@ async def test_delta_subscribe_unsubscribe_emptied_and_reconnect(
     assert header_values(emptied) == {"team-a-x": ""} and not emptied.removed_resources
     await delta.close()
 
-    await register(harness, keys, "team-a-x", "team-a-y")
+    await register_all(harness, keys, "team-a-x", "team-a-y")
     again = Stream(sds.DeltaSecrets, keys["team-a"])
     current = header_values(
         await sds.FetchSecrets(
@@ -273,7 +258,7 @@ async def test_delta_subscribe_unsubscribe_emptied_and_reconnect(
 async def test_revoking_the_caller_empties_its_node_s_secrets_then_ends_the_stream(
     harness: Harness, keys: dict[str, Metadata]
 ) -> None:
-    await register(harness, keys, "team-a-x")
+    await register_all(harness, keys, "team-a-x")
     sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
     stream = Stream(sds.StreamSecrets, keys["team-a"])
     await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]))
@@ -293,7 +278,7 @@ async def test_revoking_the_caller_empties_its_node_s_secrets_then_ends_the_stre
 async def test_on_shutdown_the_stream_ends_without_emptying_anything(
     harness: Harness, keys: dict[str, Metadata]
 ) -> None:
-    await register(harness, keys, "team-a-x")
+    await register_all(harness, keys, "team-a-x")
     sds = sds_pb2_grpc.SecretDiscoveryServiceStub(harness.channel)
     stream = Stream(sds.StreamSecrets, keys["team-a"])
     await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]))
@@ -318,7 +303,7 @@ async def test_every_replica_shows_the_nodes_connected_to_any_replica(
                 pb.CreateCallerRequest(name="admin", roles=["admin"])
             )
             admin = bearer(created.key)
-            await register(a, {"admin": admin}, "weather")
+            await register_all(a, {"admin": admin}, "weather")
             stream = Stream(sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets, admin)
             # An admin key is no broker: the stream is refused.
             await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["weather"]))

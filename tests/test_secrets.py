@@ -47,16 +47,8 @@ async def test_no_secret_or_token_is_found_in_the_data_dir_logs_or_errors(
     async with running_service(data_dir, auth, run_scheduler=False) as h:
         responses.append((await h.register()).SerializeToString())
         responses.append((await h.register("other", secret=WRONG_SECRET)).SerializeToString())
-        keyed = pb.RegisterServerRequest(
-            server=pb.Server(
-                id="keyed",
-                mcp_url="http://127.0.0.1:9/mcp",
-                token_endpoint=auth.token_endpoint,
-                client_id=CLIENT_ID,
-            ),
-            private_key_pem=PRIVATE_KEY,
-        )
-        responses.append((await h.admin.RegisterServer(keyed)).SerializeToString())
+        keyed = await h.register("keyed", None, private_key_pem=PRIVATE_KEY)
+        responses.append(keyed.SerializeToString())
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # this server does no private_key_jwt
             await h.tokens.GetToken(pb.GetTokenRequest(server_id="keyed"))
         errors.append(repr(refused.value) + str(refused.value.trailing_metadata()))

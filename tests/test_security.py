@@ -30,47 +30,38 @@ from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.errors import ConfigurationError, StoreUnavailable
-from tokensvc.registry import Callers
 from tokensvc.server import keyring_for, open_store
 from tokensvc.settings import Settings
 from tokensvc.store import Store
-from tokensvc.store.access import AccessStore, AuditEntry, CallerRecord
+from tokensvc.store.access import AccessStore, AuditEntry
 from tokensvc.token import utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 from certs import CertificateAuthority, Issued, expired
-from support import CLIENT_ID, SECRET, Harness, Watcher, error_info, running_service
+from replicas import TOKENSVC
+from support import (
+    SECRET,
+    Harness,
+    Watcher,
+    bearer,
+    bootstrap,
+    callers_of,
+    error_info,
+    registration,
+    running_service,
+)
 
 TIMEOUT = 15.0  # seconds per RPC, stream wait or subprocess step
 VENV_BIN = Path(sys.executable).parent
-TOKENSVC = str(VENV_BIN / "tokensvc")
 GRPCURL = shutil.which("grpcurl", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 KEY_FORMAT = re.compile(r"tsk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")
 SPIFFE_ADMIN = "spiffe://example.org/admin/ops"
 SPIFFE_BROKER = "spiffe://example.org/broker/team-a"
 SERVING = health_pb2.HealthCheckResponse.SERVING
-Metadata = tuple[tuple[str, str], ...]
 
 
 # --- helpers -----------------------------------------------------------------
-
-
-def bearer(key: str) -> Metadata:
-    return (("authorization", f"Bearer {key}"),)
-
-
-def registration(auth: AuthServer, server_id: str, **fields: Any) -> pb.RegisterServerRequest:
-    return pb.RegisterServerRequest(
-        server=pb.Server(
-            id=server_id,
-            mcp_url=f"http://127.0.0.1:9/{server_id}/mcp",
-            token_endpoint=auth.token_endpoint,
-            client_id=CLIENT_ID,
-            **fields,
-        ),
-        client_secret=SECRET,
-    )
 
 
 async def failure(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
@@ -88,28 +79,6 @@ async def stream_failure(call: Any) -> grpc.aio.AioRpcError:
         return await call.read()
 
     return await failure(first())
-
-
-async def bootstrap(data_dir: Path, *callers: dict[str, Any]) -> list[tuple[CallerRecord, str]]:
-    """Creates callers in the data dir before the service starts (as the CLI does)."""
-    settings = Settings(data_dir=data_dir)
-    store = await open_store(settings, keyring_for(settings))
-    made = []
-    try:
-        use_case = Callers(AccessStore(store.engine), store)
-        for caller in callers:
-            made.append(
-                await use_case.create(
-                    actor="cli:create-caller",
-                    name=caller["name"],
-                    roles=caller["roles"],
-                    patterns=caller.get("patterns"),
-                    certificate_identity=caller.get("identity", ""),
-                ),
-            )
-    finally:
-        await store.close()
-    return made
 
 
 def secure_channel(port: int, root: bytes, client: Issued | None = None) -> grpc.aio.Channel:
@@ -567,15 +536,14 @@ async def test_the_last_admin_cannot_be_revoked_and_the_service_never_reopens(
 
 
 async def test_two_admins_revoking_each_other_at_once_leave_one(store: Store) -> None:
-    access = AccessStore(store.engine)
-    callers = Callers(access, store)
+    callers = callers_of(store)
     made = [await callers.create(actor="test", name=name, roles=["admin"]) for name in ("a", "b")]
     outcomes = await asyncio.gather(
         *(callers.revoke(record.id, actor="test") for record, _ in made),
         return_exceptions=True,
     )
     assert sorted(type(o).__name__ for o in outcomes) == ["CallerRecord", "LastAdmin"]
-    active = [c for c in await access.list_callers() if c.revoke_time is None]
+    active = [c for c in await callers.all() if c.revoke_time is None]
     assert len(active) == 1
 
 
@@ -587,7 +555,7 @@ async def test_a_database_whose_callers_are_all_revoked_refuses_everyone_until_t
     settings = Settings(data_dir=data_dir)
     store = await open_store(settings, keyring_for(settings))
     try:
-        await Callers(AccessStore(store.engine), store).revoke(broker.id, actor="test")
+        await callers_of(store).revoke(broker.id, actor="test")
     finally:
         await store.close()
     async with running_service(data_dir, auth) as harness:

@@ -19,25 +19,13 @@ from tokensvc.demo.authserver import AuthServer
 from tokensvc.store import create_engine, migrate
 from tokensvc.v1 import tokensvc_pb2 as pb
 
+from replicas import TOKENSVC, run_tokensvc, tokensvc_env
 from support import Harness, create_pg_database, drop_pg_database, running_service
-
-TOKENSVC = str(Path(sys.executable).parent / "tokensvc")
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        TOKENSVC,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("TOKENSVC_")},
-            **(env or {}),
-        },
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+    """``tokensvc *args`` with no TOKENSVC_* variable of this environment, but ``env``."""
+    return await run_tokensvc(*args, env={**tokensvc_env(), **(env or {})})
 
 
 async def test_keygen_prints_a_usable_key() -> None:

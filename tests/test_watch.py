@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from pathlib import Path
 
@@ -13,20 +12,9 @@ import pytest
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, Harness, Watcher, error_info, running_service
+from support import CLIENT_ID, Harness, Watcher, error_info, rotate, running_service, sha
 
 TIMEOUT = 30
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-async def rotate(harness: Harness, server_id: str = "alpha") -> pb.Token:
-    current = await harness.tokens.GetToken(pb.GetTokenRequest(server_id=server_id))
-    return await harness.tokens.GetToken(
-        pb.GetTokenRequest(server_id=server_id, rejected_token_sha256=sha(current.access_token))
-    )
 
 
 async def test_a_stream_starts_with_the_current_tokens_then_synced_then_changes(
@@ -41,7 +29,7 @@ async def test_a_stream_starts_with_the_current_tokens_then_synced_then_changes(
     assert watcher.kinds() == ["token", "token", "synced"]
     assert [e.token.server_id for e in watcher.events[:2]] == ["alpha", "beta"]
     assert watcher.events[0].token.access_token == alpha.access_token
-    rotated = await rotate(harness)
+    rotated = await rotate(harness, alpha)
     event = await watcher.until("token", version=rotated.version)
     assert event.token.access_token == rotated.access_token != alpha.access_token
     assert [e.sequence for e in watcher.events] == list(range(1, len(watcher.events) + 1))
@@ -61,7 +49,7 @@ async def test_a_stream_of_named_servers_sees_only_them_and_unknown_ids_arrive_l
     assert (await watcher.until("removed")).removed.server_id == "later"
     await harness.register("later")
     assert (await watcher.until("token", server_id="later")).token.version == 1
-    await rotate(harness, "beta")
+    await rotate(harness, await harness.tokens.GetToken(pb.GetTokenRequest(server_id="beta")))
     assert all(e.token.server_id != "beta" for e in watcher.events)
     await watcher.close()
 

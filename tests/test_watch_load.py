@@ -6,7 +6,6 @@ reader skips to the newest token; and the EventBus on its own."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import statistics
 import time
 from collections import Counter
@@ -30,7 +29,7 @@ from tokensvc.events import (
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
-from support import Harness, running_service
+from support import Harness, rotate, running_service
 
 TIMEOUT = 60.0  # seconds; generous: the machine may be small and busy
 SERVERS = [f"srv-{i:03d}" for i in range(100)]
@@ -49,22 +48,6 @@ async def harness(tmp_path: Path, auth: AuthServer) -> AsyncIterator[Harness]:
     """Rotations back to back: no interval between refreshes forced by reports."""
     async with running_service(tmp_path / "data", auth, min_forced_refresh_interval=0) as h:
         yield h
-
-
-def sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-async def rotate(harness: Harness, current: pb.Token) -> pb.Token:
-    """Reports the current token as rejected: tokensvc fetches and publishes a new one."""
-    new: pb.Token = await harness.tokens.GetToken(
-        pb.GetTokenRequest(
-            server_id=current.server_id, rejected_token_sha256=sha(current.access_token)
-        ),
-        timeout=TIMEOUT,
-    )
-    assert new.version == current.version + 1
-    return new
 
 
 async def register_with_tokens(harness: Harness, server_ids: list[str]) -> list[pb.Token]:

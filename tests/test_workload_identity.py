@@ -34,11 +34,11 @@ def platform() -> PlatformIssuer:
 
 
 @pytest.fixture
-async def federating(platform: PlatformIssuer) -> AsyncIterator[AuthServer]:
-    async with AuthServer() as server:
-        server.trust_platform(PLATFORM_ISSUER, platform.jwks, AUDIENCE)
-        server.add_federated_client(CLIENT, PLATFORM_ISSUER, SUBJECT, scopes=("read",))
-        yield server
+def federating(auth: AuthServer, platform: PlatformIssuer) -> AuthServer:
+    """The authorization server, trusting the platform's JWTs for CLIENT."""
+    auth.trust_platform(PLATFORM_ISSUER, platform.jwks, AUDIENCE)
+    auth.add_federated_client(CLIENT, PLATFORM_ISSUER, SUBJECT, scopes=("read",))
+    return auth
 
 
 @pytest.fixture

@@ -26,26 +26,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-# The harness is tests/replicas.py. It goes first on the path: this script's
+# The harness is tests/replicas.py (and support.py). It goes first on the path: this script's
 # own directory (sys.path[0]) holds a module of the same name, this one.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokensvc.bench.measures import percentile
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from replicas import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    Cluster,
-    Watcher,
-    percentile,
-    pid_of_user_agent,
-    register,
-    replica_cluster,
-)
+from replicas import Cluster, pid_of_user_agent, replica_cluster
+from support import CLIENT_ID, SECRET, Watcher, epoch, register
 
 
 class RecordingAuthServer(AuthServer):
@@ -69,10 +62,6 @@ class RecordingAuthServer(AuthServer):
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:7.1f}"
-
-
-def epoch(timestamp: Any) -> float:
-    return float(timestamp.seconds + timestamp.nanos / 1e9)
 
 
 async def cold_start(cluster: Cluster, auth: RecordingAuthServer, calls: int) -> None:
@@ -101,8 +90,8 @@ async def cold_start(cluster: Cluster, auth: RecordingAuthServer, calls: int) ->
     print(f"  errors              {dict(errors) or 0}")
     print(f"  wall                {wall:.2f} s")
     print(
-        f"  call latency (ms)   p50 {ms(percentile(latencies, 50)).strip()}  "
-        f"p99 {ms(percentile(latencies, 99)).strip()}  max {ms(max(latencies)).strip()}"
+        f"  call latency (ms)   p50 {ms(percentile(latencies, 0.5)).strip()}  "
+        f"p99 {ms(percentile(latencies, 0.99)).strip()}  max {ms(max(latencies)).strip()}"
     )
 
 
@@ -130,11 +119,11 @@ async def rotations(
         for seen in watcher.tokens():
             version = seen.event.token.version
             if version in arrivals:
-                arrivals[version][watcher.replica.name] = (seen.monotonic, seen.wall)
+                arrivals[version][watcher.name] = (seen.monotonic, seen.wall)
                 issued[version] = epoch(seen.event.token.issued_at)
     complete = [v for v in window if len(arrivals[v]) == len(watchers)]
-    fan_out: dict[str, list[float]] = {w.replica.name: [] for w in watchers}
-    from_issue: dict[str, list[float]] = {w.replica.name: [] for w in watchers}
+    fan_out: dict[str, list[float]] = {w.name: [] for w in watchers}
+    from_issue: dict[str, list[float]] = {w.name: [] for w in watchers}
     for version in complete:
         first = min(mono for mono, _ in arrivals[version].values())
         for name, (mono, wall) in arrivals[version].items():
@@ -157,8 +146,8 @@ async def rotations(
     for label, values in rows:
         if values:
             print(
-                f"  {label:<26} {len(values):>5}  {ms(percentile(values, 50))}  "
-                f"{ms(percentile(values, 99))}  {ms(max(values))}"
+                f"  {label:<26} {len(values):>5}  {ms(percentile(values, 0.5))}  "
+                f"{ms(percentile(values, 0.99))}  {ms(max(values))}"
             )
     print()
     print("  fan-out: arrival on a watcher minus the first watcher's arrival of that version")
@@ -175,11 +164,11 @@ async def main() -> None:
 
     auth = RecordingAuthServer(behaviour=Behaviour(lifetime=args.lifetime))
     async with auth, replica_cluster(args.replicas) as cluster:
-        auth.add_client(CLIENT_ID, CLIENT_SECRET, scopes=("read", "write"))
-        watchers = [Watcher(r, ["alpha"]) for r in cluster.replicas]
+        auth.add_client(CLIENT_ID, SECRET, scopes=("read", "write"))
+        watchers = [r.watcher("alpha") for r in cluster.replicas]
         try:
             for watcher in watchers:
-                await watcher.synced()
+                await watcher.until("synced")
             await cold_start(cluster, auth, args.calls)
             await rotations(cluster, auth, watchers, args.seconds)
         finally:
