@@ -66,13 +66,13 @@ class Replication:
                 manager.registered(record, revised=True)  # changed while we were not told
             elif not manager.servers.get(server_id).registered:
                 manager.registered(record, revised=False)
-                scheduler.schedule(server_id, now)  # new to us; the stored token may do
+                manager.schedule_refresh(server_id)  # new to us; the stored token may do
             if stored is not None and stored.token.expires_at > now:
                 manager.adopt(server_id, epochs.get(server_id, 0), stored)
             if (
                 scheduler.due_at(server_id) is None
                 and manager.servers.get(server_id).flight is None
             ):
-                scheduler.schedule(server_id, now)  # lost its schedule in an outage
+                manager.schedule_refresh(server_id)  # lost its schedule in an outage
         for server_id in manager.servers.known() - seen:
             manager.removed(server_id)

@@ -33,6 +33,7 @@ class ChangeKind(StrEnum):
     REGISTERED = "registered"  # a server was created or changed (number: its revision)
     REMOVED = "removed"  # a server was deleted
     CALLERS = "callers"  # a caller was created or revoked
+    REPLICAS = "replicas"  # a replica joined or left (tokensvc.ownership)
 
 
 @dataclass(frozen=True, slots=True)
