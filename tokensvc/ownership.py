@@ -202,8 +202,9 @@ class Heartbeat:
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poked.wait(), self._interval)
+            with contextlib.suppress(TimeoutError):  # not wait_for: see scheduler.py
+                async with asyncio.timeout(self._interval):
+                    await self._poked.wait()
             self._poked.clear()
             try:
                 await self.beat()

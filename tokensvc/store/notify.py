@@ -119,10 +119,14 @@ class Listener:
                 await self._on_connected()  # what was missed while disconnected
                 while not lost.is_set():
                     # A dead peer is not always noticed without traffic: ping.
+                    # asyncio.timeout, not wait_for, which on Python 3.11 can
+                    # swallow the cancellation that stop() sends.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), timeout=5)
+                        async with asyncio.timeout(5):
+                            await lost.wait()
                     if not lost.is_set():
-                        await asyncio.wait_for(connection.fetchval("SELECT 1"), timeout=5)
+                        async with asyncio.timeout(5):
+                            await connection.fetchval("SELECT 1")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("change listener disconnected", extra={"exc_type": type(exc).__name__})
             finally:
