@@ -1,7 +1,9 @@
 """Refresh ownership across replicas: rendezvous hashing (pure), the due times
 of owners and of the others (an injected clock), membership changes handing
 servers over, heartbeats in PostgreSQL (stale rows by the database's clock),
-and a scheduler that stops even when woken as it is cancelled."""
+the token a notification carries to the others (sealed, and only opened
+where it was meant to be), and a scheduler that stops even when woken as it
+is cancelled."""
 
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ from tokensvc.policy import RefreshPolicy
 from tokensvc.registration import Credential, CredentialKind, ServerSpec
 from tokensvc.scheduler import Scheduler
 from tokensvc.store import Store, create_engine, migrate
+from tokensvc.store.notify import Change, ChangeKind
 from tokensvc.store.replicas import ReplicaTable
-from tokensvc.token import Secret, Token
+from tokensvc.token import Secret, ServerToken, Token
 
 from support import FakeClock, create_pg_database, drop_pg_database
 
@@ -192,6 +195,35 @@ async def test_a_replica_whose_heartbeat_is_stale_by_the_database_clock_is_not_l
     finally:
         await engine.dispose()
         await drop_pg_database(url)
+
+
+# the token a notification carries ----------------------------------------------
+
+
+async def test_a_notification_carries_the_token_sealed_and_it_opens_only_for_its_server(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
+    other = Store(engine, KeyRing.parse(generate_key_entry()), clock)
+    try:
+        now = clock()
+        token = Token("secret-access-token", "Bearer", now, now + LIFETIME, ("read",))
+        held = ServerToken("alpha", token, 7, 2)
+        change = Change("origin", ChangeKind.TOKEN, "alpha", 7, False, store.seal_announced(held))
+        payload = change.payload()
+        assert "secret-access-token" not in payload
+        parsed = Change.parse(payload)
+        assert parsed == change
+        opened = store.open_announced("alpha", parsed.sealed)
+        assert opened == held
+        assert opened.token.access_token == "secret-access-token"
+        assert store.open_announced("beta", parsed.sealed) is None  # moved to another server
+        assert other.open_announced("alpha", parsed.sealed) is None  # another key
+        assert store.open_announced("alpha", parsed.sealed[:-8] + "AAAAAAA=") is None
+    finally:
+        await engine.dispose()
 
 
 # the scheduler's stop --------------------------------------------------------

@@ -1,7 +1,10 @@
 """Changes shared between replicas through PostgreSQL LISTEN/NOTIFY.
 
-A notification carries ids and numbers only, never a token or a secret: the
-receiver reads (and decrypts) the row itself. Notifications are sent inside
+A notification carries ids and numbers, never a secret or a token in the
+clear. A stored token's notification carries it sealed under the data key (see
+Rows.seal_announced), so that the others need not read it back; any other
+change, or a token too big for a notification, the receiver reads (and
+decrypts) from its row. Notifications are sent inside
 the transaction that makes the change, so they are delivered exactly when it
 commits. They are lost while a listener is disconnected, so after every
 (re)connection the listener asks for a full resync.
@@ -45,6 +48,7 @@ class Change:
     server_id: str
     number: int = 0  # token version, or revision
     revised: bool = False
+    sealed: str = ""  # TOKEN: the token, sealed under the data key (or "": read the row)
 
     def payload(self) -> str:
         return json.dumps(
@@ -54,6 +58,7 @@ class Change:
                 "s": self.server_id,
                 "n": self.number,
                 "r": self.revised,
+                **({"t": self.sealed} if self.sealed else {}),
             }
         )
 
@@ -67,6 +72,7 @@ class Change:
                 str(data["s"]),
                 int(data["n"]),
                 bool(data["r"]),
+                str(data.get("t", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None
