@@ -179,10 +179,11 @@ async def test_when_the_fetching_replica_is_killed_another_serves_a_fresh_token_
         await asyncio.wait_for(auth.wait_for_requests(1), 30)
         victim = cluster.by_pid(pid_of_user_agent(auth.last_headers["user-agent"]))
         survivors = [r for r in cluster.replicas if r is not victim]
-        # The two others queue on the victim's advisory lock of "alpha".
+        # Brokers ask the two others, which queue on the victim's advisory
+        # lock of "alpha" (its owner's scheduled refresh does not wake them).
+        calls = [asyncio.ensure_future(r.get_token("alpha", deadline=60)) for r in survivors]
         await eventually(lambda: lock_waiters_are(cluster, [False, False, True]), within=30)
         servers_before = (await cluster.fetch("SELECT count(*) AS n FROM servers"))[0]["n"]
-        calls = [asyncio.ensure_future(r.get_token("alpha", deadline=60)) for r in survivors]
 
         victim.kill()
         assert await asyncio.wait_for(victim.process.wait(), 10) == -signal.SIGKILL

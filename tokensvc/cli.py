@@ -186,8 +186,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _create_caller(settings: Settings, args: argparse.Namespace) -> None:
     from tokensvc.registry import Callers
-    from tokensvc.server import keyring_for, lock_sqlite, open_store
+    from tokensvc.server import keyring_for, open_store
     from tokensvc.store.access import AccessStore
+    from tokensvc.store.engine import lock_sqlite
 
     if settings.is_sqlite:
         # A serving process on this SQLite file would not learn of the new

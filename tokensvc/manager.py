@@ -10,8 +10,9 @@ back off (see policy.py) and are never served as tokens; a token still valid
 is served through an outage, never after its expiry.
 
 What it holds per server is in tokensvc.held, a token request's fallbacks in
-tokensvc.fallbacks, and what other replicas did reaches it through
-tokensvc.replication.
+tokensvc.fallbacks, what other replicas did reaches it through
+tokensvc.replication, and which replica refreshes which server is
+tokensvc.ownership's to say.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from tokensvc.events import (
 )
 from tokensvc.fallbacks import Fallbacks, Fetch
 from tokensvc.held import Failing, Servers, ServerState
+from tokensvc.ownership import Duty, Membership
 from tokensvc.policy import RefreshPolicy
 from tokensvc.registration import ServerSpec
 from tokensvc.replication import Replication
@@ -70,6 +72,8 @@ class TokenManager:
         rng: random.Random | None = None,
         discover: Callable[[ServerSpec], Awaitable[Discovery]] | None = None,
         min_forced_refresh_interval: timedelta = timedelta(seconds=10),
+        membership: Membership | None = None,
+        takeover: timedelta = timedelta(0),
     ) -> None:
         self._store = store
         self._fetcher = Fallbacks(store, metrics.timed_fetch(fetch), discover, clock)
@@ -82,6 +86,8 @@ class TokenManager:
         self.scheduler = Scheduler(self._scheduled_refresh, clock)
         self.servers = Servers()
         self.replication = Replication(self, store, clock)
+        # Alone (SQLite, tests): this process owns every server.
+        self.duty = Duty(membership or Membership(""), self.policy, takeover)
         self.watches = Watches(self.bus, self.snapshot)
 
     # lifecycle ---------------------------------------------------------------
@@ -96,9 +102,7 @@ class TokenManager:
             if stored is not None and stored.token.expires_at > now:
                 state.token = stored
                 metrics.token_held(server_id, stored.token)
-                self.scheduler.schedule(server_id, self._refresh_at(server_id, stored.token))
-            else:
-                self.scheduler.schedule(server_id, now)
+            self.schedule_refresh(server_id)
         if run_scheduler:
             self.scheduler.start()
 
@@ -256,13 +260,19 @@ class TokenManager:
             return
         state.token, state.failing = held, None
         metrics.token_held(server_id, held.token)
-        self.scheduler.schedule(server_id, self._refresh_at(server_id, held.token))
+        self.schedule_refresh(server_id)
         if current is None or held.version > current.version:
             metrics.token_rotated(server_id)
             self.bus.publish(TokenIssued(held))
 
     def _refresh_at(self, server_id: str, token: Token) -> datetime:
         return self.policy.replace_at(token, self.servers.get(server_id).refresh_fraction)
+
+    def schedule_refresh(self, server_id: str) -> None:
+        """Schedules the server's next refresh here: when its token is due if
+        this replica owns it, at a fallback time if another does."""
+        state = self.servers.get(server_id)
+        self.scheduler.schedule(server_id, self.duty.due(server_id, state, self._clock()))
 
     async def _failed(
         self, server_id: str, epoch: int, record: ServerRecord, error: FetchError
@@ -296,7 +306,7 @@ class TokenManager:
         """The ``count``th failure in a row stands until its next attempt."""
         self.servers.state(server_id).failing = Failing(count, event)
         if event.next_attempt is not None:
-            self.scheduler.schedule(server_id, event.next_attempt)
+            self.schedule_refresh(server_id)
         self.bus.publish(event)
 
     async def _scheduled_refresh(self, server_id: str) -> None:
@@ -325,9 +335,9 @@ class TokenManager:
             metrics.server_forgotten(server_id)
             if had_token or record.revision > 1:
                 self.bus.publish(TokenRevoked(server_id, record.revision))
-            self.scheduler.schedule(server_id, self._clock())
+            self.schedule_refresh(server_id)
         elif state.token is not None:
-            self.scheduler.schedule(server_id, self._refresh_at(server_id, state.token.token))
+            self.schedule_refresh(server_id)
 
     def removed(self, server_id: str) -> None:
         state = self.servers.state(server_id)

@@ -146,6 +146,16 @@ SDS_RESPONSES = Counter(
     "DiscoveryResponses sent to Envoy SDS consumers.",
     registry=REGISTRY,
 )
+REPLICAS_LIVE = Gauge(
+    "tokensvc_replicas_live",
+    "Replicas this one sees live (heartbeat within replica_ttl), itself included.",
+    registry=REGISTRY,
+)
+SERVERS_OWNED = Gauge(
+    "tokensvc_servers_owned",
+    "Registered servers whose scheduled refresh belongs to this replica.",
+    registry=REGISTRY,
+)
 DATABASE_UP = Gauge(
     "tokensvc_database_up",
     "1 while the database answers the health check, 0 while it does not.",
@@ -310,6 +320,11 @@ def sds_response_sent() -> None:
 
 
 # database and audit -------------------------------------------------------
+
+
+def ownership(live: int, owned: int) -> None:
+    REPLICAS_LIVE.set(live)
+    SERVERS_OWNED.set(owned)
 
 
 def database_up(up: bool) -> None:

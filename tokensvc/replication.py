@@ -1,7 +1,8 @@
 """Replication: what other replicas did, brought into this process's token manager.
 
-A notification names a change and never carries a token: the row is read
-(and decrypted) here. After a listener reconnection, notifications may have
+A notification names a change; a stored token's carries it sealed under the
+data key, opened here without a read (a token too big for a notification, and
+every other change, is read from its row). After a listener reconnection, notifications may have
 been lost, so everything the database says is compared with what is held.
 """
 
@@ -32,14 +33,27 @@ class Replication:
             if manager.servers.get(server_id).registered:
                 manager.removed(server_id)
         elif change.kind is ChangeKind.REGISTERED:
-            manager.registered(await self._store.get_server(server_id), change.revised)
+            record = await self._store.get_server(server_id)
+            manager.registered(record, change.revised)
+            if change.revised and record.status.expires_at is not None:
+                # Its first token came (and was applied) while the record was read.
+                await self._adopt_stored(server_id)
         elif change.kind is ChangeKind.TOKEN:
-            epoch = manager.servers.get(server_id).epoch  # before the read: a change meanwhile wins
-            held = await self._store.load_token(server_id)
-            if held is not None:
-                manager.adopt(server_id, epoch, held)
+            # Opened at once, before any other change is applied: notifications
+            # come in commit order, so this token is of the current revision.
+            held = self._store.open_announced(server_id, change.sealed) if change.sealed else None
+            if held is None:
+                await self._adopt_stored(server_id)
+            else:
+                manager.adopt(server_id, manager.servers.get(server_id).epoch, held)
         elif change.kind is ChangeKind.FAILED:
             self._failed_elsewhere(await self._store.get_server(server_id))
+
+    async def _adopt_stored(self, server_id: str) -> None:
+        epoch = self._manager.servers.get(server_id).epoch  # before the read: a change wins
+        held = await self._store.load_token(server_id)
+        if held is not None:
+            self._manager.adopt(server_id, epoch, held)
 
     def _failed_elsewhere(self, record: ServerRecord) -> None:
         server_id, status = record.spec.id, record.status
@@ -66,13 +80,13 @@ class Replication:
                 manager.registered(record, revised=True)  # changed while we were not told
             elif not manager.servers.get(server_id).registered:
                 manager.registered(record, revised=False)
-                scheduler.schedule(server_id, now)  # new to us; the stored token may do
+                manager.schedule_refresh(server_id)  # new to us; the stored token may do
             if stored is not None and stored.token.expires_at > now:
                 manager.adopt(server_id, epochs.get(server_id, 0), stored)
             if (
                 scheduler.due_at(server_id) is None
                 and manager.servers.get(server_id).flight is None
             ):
-                scheduler.schedule(server_id, now)  # lost its schedule in an outage
+                manager.schedule_refresh(server_id)  # lost its schedule in an outage
         for server_id in manager.servers.known() - seen:
             manager.removed(server_id)

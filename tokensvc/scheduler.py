@@ -98,8 +98,12 @@ class Scheduler:
                 self._spawn(key, due)
             when = self._next()
             timeout = None if when is None else max(0.0, (when - self._clock()).total_seconds())
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a
+            # cancellation that lands as the event is set (every schedule sets
+            # it), and stop() would then wait forever on a loop still running.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def start(self) -> None:
         if self._loop is None:

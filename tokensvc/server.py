@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import logging
 import os
@@ -21,7 +20,6 @@ import grpc
 from envoy.service.secret.v3 import sds_pb2, sds_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy.engine import make_url
 
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
@@ -36,12 +34,14 @@ from tokensvc.egress import Egress
 from tokensvc.errors import ConfigurationError, StoreUnavailable
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
+from tokensvc.ownership import Heartbeat, Membership
 from tokensvc.registry import Callers, Registry
 from tokensvc.rpc_metrics import RpcMetrics
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
 from tokensvc.store.consumers import ConsumerStore
+from tokensvc.store.engine import lock_sqlite
 from tokensvc.store.notify import Change, ChangeKind, Listener
 from tokensvc.token import Clock, utcnow
 from tokensvc.v1 import tokensvc_pb2, tokensvc_pb2_grpc
@@ -106,6 +106,7 @@ class Service:
     _server: grpc.aio.Server | None = field(default=None, init=False)
     _health: health.aio.HealthServicer | None = field(default=None, init=False)
     _listener: Listener | None = field(default=None, init=False)
+    _heartbeat: Heartbeat | None = field(default=None, init=False)
     _monitor: asyncio.Task[None] | None = field(default=None, init=False)
     _sqlite_lock: int | None = field(default=None, init=False)
     _metrics: metrics.MetricsListener | None = field(default=None, init=False)
@@ -156,7 +157,10 @@ class Service:
             discover=functools.partial(
                 discover, get=self.egress.get, policy=policy, clock=self.clock
             ),
+            membership=Membership(origin),  # alone on SQLite: it owns every server
+            takeover=settings.heartbeat_ttl + settings.heartbeat_interval,
         )
+        self._heartbeat = Heartbeat.of(self.store, self.manager, settings)
         metrics.configure(per_server=settings.metrics_per_server)
         server = grpc.aio.server(
             # Timing every call costs a little: only when someone collects the figures.
@@ -194,7 +198,9 @@ class Service:
             access, self.auth, timedelta(days=settings.audit_retention_days), self.clock
         )
         self.audit.start()
+        await self._heartbeat.join()  # who else is live, before scheduling
         await self.manager.start(self.run_scheduler)
+        self._heartbeat.start()
         if self.store.shared:
             self._listener = Listener(
                 settings.effective_database_url,
@@ -273,6 +279,8 @@ class Service:
     async def _apply(self, change: Change) -> None:
         """A change made on another replica."""
         assert self.manager is not None and self.auth is not None
+        if change.kind is ChangeKind.REPLICAS:
+            return self._heartbeat.poke() if self._heartbeat is not None else None
         if change.kind is not ChangeKind.CALLERS:
             await self.manager.replication.apply(change)
             return
@@ -340,6 +348,9 @@ class Service:
         if self.manager is not None:
             await self.manager.stop()
             self.manager = None
+        if self._heartbeat is not None:
+            await self._heartbeat.stop()  # after the last refresh here: the others take over
+            self._heartbeat = None
         if self.audit is not None:
             await self.audit.stop()
             self.audit = None
@@ -400,30 +411,6 @@ def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(
         load(), fetch, require_client_authentication=settings.tls_client_ca is not None
     )
-
-
-def lock_sqlite(url: str) -> int | None:
-    """One process per SQLite database: SQLite has no way to share tokens,
-    rotations or single flight between processes. PostgreSQL does."""
-    database = make_url(url).database
-    if not database or database == ":memory:":
-        return None
-    path = Path(database + ".lock")
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ConfigurationError(
-            f"{database} is in use by {holder}: SQLite serves one process; for several "
-            "replicas use PostgreSQL (--database-url postgresql+asyncpg://...); to add a "
-            "caller to a running service, use AdminService/CreateCaller"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"tokensvc pid {os.getpid()}".encode())
-    return fd
 
 
 async def until_signalled() -> None:

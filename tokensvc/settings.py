@@ -73,6 +73,10 @@ class Settings:
     metrics_listen: str = ""
     # Off: no server_id label, for fleets too large for a series per server.
     metrics_per_server: bool = True
+    # PostgreSQL replicas write a heartbeat this often (seconds); one whose last
+    # heartbeat is older than replica_ttl is gone, and its servers move to the others.
+    replica_heartbeat_interval: float = 2.0
+    replica_ttl: float = 6.0
 
     @property
     def effective_database_url(self) -> str:
@@ -111,6 +115,14 @@ class Settings:
             ),
             permanent_backoff_cap=timedelta(seconds=self.permanent_backoff_cap),
         )
+
+    @property
+    def heartbeat_interval(self) -> timedelta:
+        return timedelta(seconds=self.replica_heartbeat_interval)
+
+    @property
+    def heartbeat_ttl(self) -> timedelta:
+        return timedelta(seconds=self.replica_ttl)
 
     @property
     def url_policy(self) -> UrlPolicy:
@@ -156,6 +168,12 @@ class Settings:
             raise ConfigurationError("min_valid_for must not be negative")
         if not 0 <= self.min_forced_refresh_interval <= 3600:
             raise ConfigurationError("min_forced_refresh_interval must be between 0 and 3600 s")
+        if not 0.1 <= self.replica_heartbeat_interval <= 60:
+            raise ConfigurationError("replica_heartbeat_interval must be between 0.1 and 60 s")
+        if not 2 * self.replica_heartbeat_interval <= self.replica_ttl <= 600:
+            raise ConfigurationError(
+                "replica_ttl must be at least twice replica_heartbeat_interval and at most 600 s"
+            )
         if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:
             raise ConfigurationError("max_response_bytes must be between 1024 and 16777216")
         if bool(self.tls_cert) != bool(self.tls_key):

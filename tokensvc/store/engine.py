@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from tokensvc.errors import ConfigurationError
 
 
 def create_engine(url: str) -> AsyncEngine:
@@ -42,3 +46,27 @@ def create_engine(url: str) -> AsyncEngine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def lock_sqlite(url: str) -> int | None:
+    """One process per SQLite database: SQLite has no way to share tokens,
+    rotations or single flight between processes. PostgreSQL does."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return None
+    path = Path(database + ".lock")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigurationError(
+            f"{database} is in use by {holder}: SQLite serves one process; for several "
+            "replicas use PostgreSQL (--database-url postgresql+asyncpg://...); to add a "
+            "caller to a running service, use AdminService/CreateCaller"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"tokensvc pid {os.getpid()}".encode())
+    return fd

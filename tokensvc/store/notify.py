@@ -1,7 +1,10 @@
 """Changes shared between replicas through PostgreSQL LISTEN/NOTIFY.
 
-A notification carries ids and numbers only, never a token or a secret: the
-receiver reads (and decrypts) the row itself. Notifications are sent inside
+A notification carries ids and numbers, never a secret or a token in the
+clear. A stored token's notification carries it sealed under the data key (see
+Rows.seal_announced), so that the others need not read it back; any other
+change, or a token too big for a notification, the receiver reads (and
+decrypts) from its row. Notifications are sent inside
 the transaction that makes the change, so they are delivered exactly when it
 commits. They are lost while a listener is disconnected, so after every
 (re)connection the listener asks for a full resync.
@@ -33,6 +36,7 @@ class ChangeKind(StrEnum):
     REGISTERED = "registered"  # a server was created or changed (number: its revision)
     REMOVED = "removed"  # a server was deleted
     CALLERS = "callers"  # a caller was created or revoked
+    REPLICAS = "replicas"  # a replica joined or left (tokensvc.ownership)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,7 @@ class Change:
     server_id: str
     number: int = 0  # token version, or revision
     revised: bool = False
+    sealed: str = ""  # TOKEN: the token, sealed under the data key (or "": read the row)
 
     def payload(self) -> str:
         return json.dumps(
@@ -53,6 +58,7 @@ class Change:
                 "s": self.server_id,
                 "n": self.number,
                 "r": self.revised,
+                **({"t": self.sealed} if self.sealed else {}),
             }
         )
 
@@ -66,6 +72,7 @@ class Change:
                 str(data["s"]),
                 int(data["n"]),
                 bool(data["r"]),
+                str(data.get("t", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -118,10 +125,14 @@ class Listener:
                 await self._on_connected()  # what was missed while disconnected
                 while not lost.is_set():
                     # A dead peer is not always noticed without traffic: ping.
+                    # asyncio.timeout, not wait_for, which on Python 3.11 can
+                    # swallow the cancellation that stop() sends.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), timeout=5)
+                        async with asyncio.timeout(5):
+                            await lost.wait()
                     if not lost.is_set():
-                        await asyncio.wait_for(connection.fetchval("SELECT 1"), timeout=5)
+                        async with asyncio.timeout(5):
+                            await connection.fetchval("SELECT 1")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("change listener disconnected", extra={"exc_type": type(exc).__name__})
             finally:

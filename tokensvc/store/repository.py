@@ -341,8 +341,9 @@ class Store(KeyRotation):
                     expires_at=token.expires_at,
                 )
             )
-            await self._announce(conn, ChangeKind.TOKEN, server_id, version)
-        return ServerToken(server_id, token, version, revision)
+            saved = ServerToken(server_id, token, version, revision)
+            await self._announce(conn, ChangeKind.TOKEN, server_id, version, token=saved)
+        return saved
 
     async def set_discovery(
         self, server_id: str, incarnation: str, revision: int, discovery: Discovery

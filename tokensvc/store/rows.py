@@ -8,9 +8,11 @@ associated data names the row and field.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert, text
@@ -19,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc.crypto import KeyRing, associated_data
-from tokensvc.errors import StoreUnavailable
+from tokensvc.errors import DecryptionError, StoreUnavailable
 from tokensvc.registration import Credential, CredentialKind
 from tokensvc.store.notify import CHANNEL, Change, ChangeKind
 from tokensvc.store.records import audit_row
@@ -28,6 +30,9 @@ from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
 
 # The first key of tokensvc's advisory locks (the second is the server id's hash).
 LOCK_SPACE = 0x746B73  # "tks"
+# PostgreSQL refuses notification payloads of 8000 bytes or more; a token whose
+# sealed form would not fit is left out, and the receivers read its row.
+MAX_SEALED = 6000
 
 
 @asynccontextmanager
@@ -85,10 +90,13 @@ class Rows:
         server_id: str,
         number: int = 0,
         revised: bool = False,
+        token: ServerToken | None = None,
     ) -> None:
         """Tells the other replicas, when this transaction commits (PostgreSQL)."""
         if self.shared:
-            change = Change(self.origin, kind, server_id, number, revised)
+            sealed = self.seal_announced(token) if token is not None else ""
+            sealed = sealed if len(sealed) <= MAX_SEALED else ""
+            change = Change(self.origin, kind, server_id, number, revised, sealed)
             await conn.execute(
                 text("SELECT pg_notify(:channel, :payload)"),
                 {"channel": CHANNEL, "payload": change.payload()},
@@ -137,6 +145,41 @@ class Rows:
     def _seal_token(self, server_id: str, access_token: str) -> bytes:
         aad = associated_data("tokens", server_id, "access_token")
         return self.keyring.encrypt(access_token.encode(), aad)
+
+    def seal_announced(self, held: ServerToken) -> str:
+        """The token as its notification carries it: under the data key, its
+        version, revision and times inside the envelope with it, and the
+        associated data naming the server, so that nothing in the payload can
+        be changed, moved to another server or read without the key."""
+        token = held.token
+        plain = {
+            "a": token.access_token,
+            "y": token.token_type,
+            "s": list(token.scopes),
+            "i": token.issued_at.isoformat(),
+            "e": token.expires_at.isoformat(),
+            "v": held.version,
+            "r": held.revision,
+        }
+        aad = associated_data("notifications", held.server_id, "token")
+        return base64.b64encode(self.keyring.encrypt(json.dumps(plain).encode(), aad)).decode()
+
+    def open_announced(self, server_id: str, sealed: str) -> ServerToken | None:
+        """The token a notification carried, or None if it does not open (the
+        receiver then reads the row)."""
+        aad = associated_data("notifications", server_id, "token")
+        try:
+            data = json.loads(self.keyring.decrypt(base64.b64decode(sealed), aad))
+            token = Token(
+                access_token=str(data["a"]),
+                token_type=str(data["y"]),
+                issued_at=datetime.fromisoformat(data["i"]),
+                expires_at=datetime.fromisoformat(data["e"]),
+                scopes=tuple(str(scope) for scope in data["s"]),
+            )
+            return ServerToken(server_id, token, int(data["v"]), int(data["r"]))
+        except (DecryptionError, ValueError, KeyError, TypeError):
+            return None
 
     def _open_token(self, row: Row[Any]) -> ServerToken:
         aad = associated_data("tokens", row.server_id, "access_token")

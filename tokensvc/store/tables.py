@@ -154,3 +154,14 @@ sds_consumers = Table(
     Index("ix_sds_consumers_server", "server_id"),
     Index("ix_sds_consumers_replica", "replica"),
 )
+
+# PostgreSQL replicas' heartbeats (tokensvc.ownership): who is live, by the
+# database's clock. SQLite serves one process, which owns everything; the
+# table exists there too, empty, so that both schemas stay alike.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("heartbeat_time", UTCDateTime, nullable=False),
+    Column("start_time", UTCDateTime, nullable=False),
+)
