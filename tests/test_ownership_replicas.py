@@ -19,22 +19,12 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokensvc.demo.authserver import AuthServer, Behaviour
 
-from replicas import (
-    CLIENT_SECRET,
-    Cluster,
-    Replica,
-    Seen,
-    Watcher,
-    pid_of_user_agent,
-    register,
-    replica_cluster,
-)
-from support import sample, scrape
+from replicas import Cluster, Replica, pid_of_user_agent, replica_cluster
+from support import SECRET, Seen, Watcher, epoch, register, sample, scrape
 
 SERVERS = [f"srv-{i:02d}" for i in range(24)]
 # Heartbeats every half second, gone after two: a takeover within 2.5 s.
@@ -74,7 +64,7 @@ class CountingAuthServer(AuthServer):
 async def counting_server(lifetime: float) -> AsyncIterator[CountingAuthServer]:
     async with CountingAuthServer(behaviour=Behaviour(lifetime=lifetime)) as server:
         for sid in SERVERS:
-            server.add_client(sid, CLIENT_SECRET)
+            server.add_client(sid, SECRET)
         yield server
 
 
@@ -97,10 +87,6 @@ async def all_see(replicas: list[Replica], live: int, since: dict[str, int] | No
         count = (since or {}).get(replica.name, 0) + 1
         while (await replica.wait_for_log("replicas changed", count=count))["live"] != live:
             count += 1
-
-
-def epoch(timestamp: Timestamp) -> float:
-    return timestamp.seconds + timestamp.nanos / 1e9
 
 
 def version(seen: Seen) -> int:
@@ -133,9 +119,9 @@ async def test_three_replicas_split_the_refreshes_each_fetching_only_its_share(
     settings = {**FAST, "metrics_listen": "127.0.0.1:0"}
     async with replica_cluster(3, **settings) as cluster:
         await all_see(cluster.replicas, 3)
-        watcher = Watcher(cluster.replicas[1])
+        watcher = cluster.replicas[1].watcher()
         try:
-            await watcher.synced()
+            await watcher.until("synced")
             await registered_with_rotations(cluster, auth, watcher, 4)
         finally:
             await watcher.close()
@@ -163,9 +149,9 @@ async def test_when_a_replica_is_killed_its_servers_are_taken_over_before_their_
     async with replica_cluster(3, **FAST) as cluster:
         await all_see(cluster.replicas, 3)
         survivor = cluster.replicas[0]
-        watcher = Watcher(survivor)
+        watcher = survivor.watcher()
         try:
-            await watcher.synced()
+            await watcher.until("synced")
             await registered_with_rotations(cluster, auth, watcher, 2)
             victim = cluster.replicas[2]
             orphans = [sid for sid in SERVERS if auth.fetchers(sid) == {victim.pid}]
