@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.api.sds import SecretDiscoveryServicer
+from tokensvc.api.wire import add_token_service
 from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
@@ -206,9 +207,7 @@ class Service:
         shared = ConsumerStore(self.store.engine) if self.store.shared else None
         self.consumers = ConsumerRegistry(shared, origin, self.clock)
         self.consumers.start()
-        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenServicer(self.manager, self.auth, self.audit), server
-        )
+        add_token_service(TokenServicer(self.manager, self.auth, self.audit), server)
         tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
                 Registry(self.store, self.manager, self.egress, self.fetcher.fetch, assertions),
