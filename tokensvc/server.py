@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.api.sds import SecretDiscoveryServicer
-from tokensvc.api.wire import add_token_service
+from tokensvc.api.wire import add_token_service, generic_handlers_only
 from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
@@ -159,14 +159,16 @@ class Service:
             ),
         )
         metrics.configure(per_server=settings.metrics_per_server)
-        server = grpc.aio.server(
-            # Timing every call costs a little: only when someone collects the figures.
-            interceptors=[RpcMetrics()] if settings.metrics_listen else [],
-            options=[
-                ("grpc.max_receive_message_length", 1 << 20),
-                # Two processes on one port would split the calls between them.
-                ("grpc.so_reuseport", 0),
-            ],
+        server = generic_handlers_only(
+            grpc.aio.server(
+                # Timing every call costs a little: only when someone collects the figures.
+                interceptors=[RpcMetrics()] if settings.metrics_listen else [],
+                options=[
+                    ("grpc.max_receive_message_length", 1 << 20),
+                    # Two processes on one port would split the calls between them.
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
         )
         try:
             if settings.tls_cert:
