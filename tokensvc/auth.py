@@ -172,9 +172,19 @@ class Authenticator:
     :class:`Caller` of each (caller, connection). :meth:`load` (after any
     change of callers, a revocation above all) replaces both, at once."""
 
-    def __init__(self, access: AccessStore, *, open_allowed: bool, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        access: AccessStore,
+        *,
+        open_allowed: bool,
+        clock: Clock = utcnow,
+        certificates: bool = True,
+    ) -> None:
         self._access = access
         self._open_allowed = open_allowed
+        # False: the listener asks for no client certificate (no client CA), so
+        # a call's auth context cannot name one and is not read.
+        self._certificates = certificates
         self._clock = clock
         self._by_id: dict[str, CallerRecord] = {}
         self._by_identity: dict[str, CallerRecord] = {}
@@ -227,7 +237,7 @@ class Authenticator:
         record: CallerRecord | None
         if header:
             record = await self._by_key(str(header))
-        elif identity := certificate_identity(context.auth_context()):
+        elif self._certificates and (identity := certificate_identity(context.auth_context())):
             record = self._by_identity.get(identity)
             if record is None:
                 await self._reload_soon()

@@ -159,17 +159,16 @@ class Service:
             ),
         )
         metrics.configure(per_server=settings.metrics_per_server)
-        server = generic_handlers_only(
-            grpc.aio.server(
-                # Timing every call costs a little: only when someone collects the figures.
-                interceptors=[RpcMetrics()] if settings.metrics_listen else [],
-                options=[
-                    ("grpc.max_receive_message_length", 1 << 20),
-                    # Two processes on one port would split the calls between them.
-                    ("grpc.so_reuseport", 0),
-                ],
-            )
+        server = grpc.aio.server(
+            # Timing every call costs a little: only when someone collects the figures.
+            interceptors=[RpcMetrics()] if settings.metrics_listen else [],
+            options=[
+                ("grpc.max_receive_message_length", 1 << 20),
+                # Two processes on one port would split the calls between them.
+                ("grpc.so_reuseport", 0),
+            ],
         )
+        generic_handlers_only(server)
         try:
             if settings.tls_cert:
                 self.port = server.add_secure_port(settings.listen, tls_credentials(settings))
@@ -189,8 +188,9 @@ class Service:
                     f"cannot listen on metrics_listen {settings.metrics_listen}: {exc.strerror}"
                 ) from None
         access = AccessStore(self.store.engine)
+        certs = settings.tls_client_ca is not None  # else no call can present one
         self.auth = Authenticator(
-            access, open_allowed=settings.listens_on_loopback, clock=self.clock
+            access, open_allowed=settings.listens_on_loopback, clock=self.clock, certificates=certs
         )
         await self.auth.load()
         self.audit = AuditLog(
