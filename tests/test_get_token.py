@@ -4,15 +4,18 @@ flight, compare-and-refresh, failures, revisions, restarts."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from tokensvc.api.convert import token_to_proto
+from tokensvc.api.wire import TokenWire
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.errors import AuthorizationServerUnavailable
+from tokensvc.token import ServerToken, Token
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from support import CLIENT_ID, SECRET, FakeClock, Harness, error_info, running_service, sha
@@ -284,3 +287,31 @@ def test_durations_are_checked_in_the_proto_layer() -> None:
 
     assert duration(Duration(), "f", timedelta(seconds=5)) == timedelta(seconds=5)
     assert duration(Duration(seconds=2), "f", timedelta(seconds=5)) == timedelta(seconds=2)
+
+
+def held_token(version: int = 1, access_token: str = "at-1") -> ServerToken:
+    issued = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    token = Token(access_token, "Bearer", issued, issued + timedelta(hours=1), ("read", "w"))
+    return ServerToken("alpha", token, version, 1)
+
+
+@pytest.mark.parametrize("sequence", [0, 1, 127, 128, 300, 2**40])
+def test_responses_serialized_once_are_the_bytes_protobuf_would_make(sequence: int) -> None:
+    wire, held = TokenWire(), held_token()
+    assert wire.token(held) == token_to_proto(held).SerializeToString()
+    expected = pb.TokenEvent(sequence=sequence, token=token_to_proto(held))
+    assert pb.TokenEvent.FromString(wire.token_event(held, sequence)) == expected
+    assert wire.token_event(held, sequence) == expected.SerializeToString()
+
+
+def test_a_serialized_response_goes_with_its_token_and_a_new_one_is_not_the_old() -> None:
+    wire, first = TokenWire(), held_token()
+    assert pb.Token.FromString(wire.token(first)).access_token == "at-1"
+    # A rotation: the new token is serialized anew; the old one, while held, is still itself.
+    second = held_token(2, "at-2")
+    assert pb.Token.FromString(wire.token(second)).access_token == "at-2"
+    assert pb.Token.FromString(wire.token(first)).access_token == "at-1"
+    del second
+    assert len(wire) == 1
+    del first  # nothing holds the token any more: its bytes are gone too
+    assert len(wire) == 0

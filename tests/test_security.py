@@ -29,7 +29,8 @@ import tokensvc.audit
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.demo.authserver import AuthServer
-from tokensvc.errors import ConfigurationError, StoreUnavailable
+from tokensvc.errors import ConfigurationError, StoreUnavailable, Unauthenticated
+from tokensvc.registry import Callers
 from tokensvc.server import keyring_for, open_store
 from tokensvc.settings import Settings
 from tokensvc.store import Store
@@ -496,6 +497,44 @@ async def test_revoking_a_broker_refuses_its_next_call_and_ends_its_open_stream(
         callers = await admin.ListCallers(pb.ListCallersRequest(), metadata=admin_md)
         state = {c.name: c.HasField("revoke_time") for c in callers.callers}
         assert state == {"admin": False, "broker": True, "other-broker": False}
+
+
+class CallContext:
+    """What Authenticator reads of a grpc.aio call: its peer and its metadata."""
+
+    def __init__(self, peer: str, key: str) -> None:
+        self._peer, self._metadata = peer, (("authorization", f"Bearer {key}"),)
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+
+async def test_a_key_is_remembered_per_connection_until_a_revocation_reloads_the_callers(
+    store: Store,
+) -> None:
+    access = AccessStore(store.engine)
+    authenticator = Authenticator(access, open_allowed=False)
+    callers = Callers(access, store, reload=authenticator.load)
+    record, key = await callers.create(actor="t", name="b", roles=["broker"], patterns=["a*"])
+    await callers.create(actor="t", name="admin", roles=["admin"])
+    first = await authenticator.authenticate(CallContext("ipv4:127.0.0.1:1", key))
+    again = await authenticator.authenticate(CallContext("ipv4:127.0.0.1:1", key))
+    elsewhere = await authenticator.authenticate(CallContext("ipv4:127.0.0.1:2", key))
+    assert again is first and elsewhere is not first and elsewhere.peer == "ipv4:127.0.0.1:2"
+    assert (first.id, first.roles, first.patterns) == (record.id, {"broker"}, ("a*",))
+    assert [first.may_see(s) for s in ("alpha", "beta", "alpha", "beta")] == [True, False] * 2
+    mistyped = key[:-1] + ("A" if key[-1] != "A" else "B")
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(CallContext("ipv4:127.0.0.1:1", mistyped))
+    await callers.revoke(record.id, actor="t")
+    with pytest.raises(Unauthenticated):
+        await authenticator.authenticate(CallContext("ipv4:127.0.0.1:1", key))
 
 
 # --- 5. open mode and where it stops -----------------------------------------------

@@ -26,7 +26,7 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -45,6 +45,10 @@ DNS_NAME = re.compile(r"(\*\.)?([A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}\.?")
 # How often an unknown key or certificate may make the caller list be re-read
 # (a key created by the CLI, or on another replica, is found without a restart).
 RELOAD_INTERVAL = 1.0
+# Bounds of what is remembered between calls: callers per connection, and the
+# visibility of server ids per caller (ids come from callers, so both are capped).
+MAX_REMEMBERED_CALLERS = 4096
+MAX_REMEMBERED_VISIBLE = 1024
 NO_USABLE_CALLER = (
     "every caller is revoked, so every call is refused: create a caller on the host "
     "with 'tokensvc create-caller' (tokensvc does not reopen to anonymous callers)"
@@ -64,6 +68,11 @@ class Caller:
     roles: frozenset[str]
     patterns: tuple[str, ...]
     peer: str = ""
+    # may_see's answers so far: a caller is remembered between its calls (see
+    # Authenticator), and its patterns never change (a reload makes new callers).
+    _seen: dict[str, bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @property
     def actor(self) -> str:
@@ -71,7 +80,12 @@ class Caller:
         return f"{self.kind}:{self.name}@{self.peer}"
 
     def may_see(self, server_id: str) -> bool:
-        return any(fnmatch.fnmatchcase(server_id, pattern) for pattern in self.patterns)
+        seen = self._seen.get(server_id)
+        if seen is None:
+            seen = any(fnmatch.fnmatchcase(server_id, pattern) for pattern in self.patterns)
+            if len(self._seen) < MAX_REMEMBERED_VISIBLE:
+                self._seen[server_id] = seen
+        return seen
 
 
 def new_key() -> tuple[str, str]:
@@ -152,12 +166,31 @@ def typed_identity(value: str, field: str = "certificate_identity") -> str:
 
 
 class Authenticator:
-    def __init__(self, access: AccessStore, *, open_allowed: bool, clock: Clock = utcnow) -> None:
+    """Who a call comes from. Every call is checked against the callers as last
+    loaded; what a call of a known caller needs is looked up, not recomputed: a
+    key by its SHA-256 digest (the form in which keys are stored), and the
+    :class:`Caller` of each (caller, connection). :meth:`load` (after any
+    change of callers, a revocation above all) replaces both, at once."""
+
+    def __init__(
+        self,
+        access: AccessStore,
+        *,
+        open_allowed: bool,
+        clock: Clock = utcnow,
+        certificates: bool = True,
+    ) -> None:
         self._access = access
         self._open_allowed = open_allowed
+        # False: the listener asks for no client certificate (no client CA), so
+        # a call's auth context cannot name one and is not read.
+        self._certificates = certificates
         self._clock = clock
         self._by_id: dict[str, CallerRecord] = {}
         self._by_identity: dict[str, CallerRecord] = {}
+        self._by_key_hash: dict[str, CallerRecord] = {}
+        # (caller id, "" when open; peer) -> the record it was made of, and the caller
+        self._callers: dict[tuple[str, str], tuple[CallerRecord | None, Caller]] = {}
         self._loaded_at = 0.0
         self._ever = False  # a caller has existed (revoked ones included)
         self._lock = asyncio.Lock()
@@ -186,6 +219,8 @@ class Authenticator:
         if self.locked_out and not was_locked_out:
             log.warning(NO_USABLE_CALLER)
         self._by_identity = {r.identity: r for r in records if r.kind == "certificate"}
+        self._by_key_hash = {r.key_hash: r for r in records if r.key_hash is not None}
+        self._callers = {}
         self._loaded_at = asyncio.get_running_loop().time()
 
     async def _reload_soon(self) -> None:
@@ -195,24 +230,26 @@ class Authenticator:
 
     async def authenticate(self, context: Any) -> Caller:
         peer = str(context.peer())
-        metadata = dict(context.invocation_metadata() or ())
-        header = metadata.get("authorization", "")
+        header = ""
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization":
+                header = value  # the last one, as a dict of the metadata would have it
         record: CallerRecord | None
         if header:
             record = await self._by_key(str(header))
-        elif identity := certificate_identity(context.auth_context()):
+        elif self._certificates and (identity := certificate_identity(context.auth_context())):
             record = self._by_identity.get(identity)
             if record is None:
                 await self._reload_soon()
                 record = self._by_identity.get(identity)
             if record is None:
                 if self.open:  # mTLS on loopback before any caller exists
-                    return _open_caller(peer)
+                    return self._caller(None, peer)
                 raise Unauthenticated(
                     f"the client certificate {identity!r} is not a registered caller"
                 )
         elif self.open:
-            return _open_caller(peer)
+            return self._caller(None, peer)
         elif self.locked_out:
             raise Unauthenticated(NO_USABLE_CALLER)
         else:
@@ -220,20 +257,39 @@ class Authenticator:
                 "authenticate with a client certificate or 'authorization: Bearer <key>'"
             )
         self.used[record.id] = self._clock()
-        return Caller(
-            record.id,
-            record.name,
-            record.kind,
-            frozenset(record.roles),
-            record.server_patterns,
-            peer,
-        )
+        return self._caller(record, peer)
+
+    def _caller(self, record: CallerRecord | None, peer: str) -> Caller:
+        """The caller of ``record`` (None: open mode) on connection ``peer``,
+        made once per load."""
+        remembered = self._callers.get((record.id if record else "", peer))
+        if remembered is not None and remembered[0] is record:
+            return remembered[1]
+        if record is None:
+            caller = _open_caller(peer)
+        else:
+            caller = Caller(
+                record.id,
+                record.name,
+                record.kind,
+                frozenset(record.roles),
+                record.server_patterns,
+                peer,
+            )
+        if len(self._callers) >= MAX_REMEMBERED_CALLERS:
+            self._callers.clear()
+        self._callers[(caller.id, peer)] = (record, caller)
+        return caller
 
     async def _by_key(self, header: str) -> CallerRecord:
         scheme, _, key = header.partition(" ")
         key = key.strip()
         if scheme.lower() != "bearer" or not key.startswith(KEY_PREFIX):
             raise Unauthenticated("the authorization metadata must be 'Bearer tsk_...'")
+        digest = key_hash(key)
+        known = self._by_key_hash.get(digest)
+        if known is not None:
+            return known  # the key of a caller as loaded: its digest is the stored one
         caller_id = key[len(KEY_PREFIX) :].split("_", 1)[0]
         record = self._by_id.get(caller_id)
         if record is None:
@@ -242,7 +298,7 @@ class Authenticator:
         if (
             record is None
             or record.key_hash is None
-            or not hmac.compare_digest(record.key_hash, key_hash(key))
+            or not hmac.compare_digest(record.key_hash, digest)
         ):
             raise Unauthenticated("the key is not valid: unknown, revoked or mistyped")
         return record

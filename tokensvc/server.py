@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.api.sds import SecretDiscoveryServicer
+from tokensvc.api.wire import add_token_service, generic_handlers_only
 from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
@@ -171,6 +172,7 @@ class Service:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        generic_handlers_only(server)
         try:
             if settings.tls_cert:
                 self.port = server.add_secure_port(settings.listen, tls_credentials(settings))
@@ -190,8 +192,9 @@ class Service:
                     f"cannot listen on metrics_listen {settings.metrics_listen}: {exc.strerror}"
                 ) from None
         access = AccessStore(self.store.engine)
+        certs = settings.tls_client_ca is not None  # else no call can present one
         self.auth = Authenticator(
-            access, open_allowed=settings.listens_on_loopback, clock=self.clock
+            access, open_allowed=settings.listens_on_loopback, clock=self.clock, certificates=certs
         )
         await self.auth.load()
         self.audit = AuditLog(
@@ -212,9 +215,7 @@ class Service:
         shared = ConsumerStore(self.store.engine) if self.store.shared else None
         self.consumers = ConsumerRegistry(shared, origin, self.clock)
         self.consumers.start()
-        tokensvc_pb2_grpc.add_TokenServiceServicer_to_server(
-            TokenServicer(self.manager, self.auth, self.audit), server
-        )
+        add_token_service(TokenServicer(self.manager, self.auth, self.audit), server)
         tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
                 Registry(self.store, self.manager, self.egress, self.fetcher.fetch, assertions),

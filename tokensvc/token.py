@@ -111,11 +111,12 @@ class Token:
         return fresh_enough(self.issued_at, self.expires_at, wanted, now)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class ServerToken:
     """A token as held for one server: which rotation it is, and under which
     registration revision it was fetched (a token of an older revision is
-    never served)."""
+    never served). Weakly referable, so that what is derived from it (its
+    serialized response) can go when it goes."""
 
     server_id: str
     token: Token

@@ -1,12 +1,14 @@
-"""TokenService: what brokers call."""
+"""TokenService: what brokers call. Its responses are bytes, each token's
+serialized once (tokensvc.api.wire)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
 from tokensvc import metrics
-from tokensvc.api.convert import duration, event_to_proto, synced, token_to_proto
+from tokensvc.api.convert import duration, event_to_proto, synced
 from tokensvc.api.errors import Context, abort, handles_errors
+from tokensvc.api.wire import TokenWire
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator, Caller, Role
 from tokensvc.errors import InvalidArgument, PermissionDenied, TokenSvcError, Unauthenticated
@@ -30,9 +32,10 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
         self._manager = manager
         self._auth = auth
         self._audit = audit
+        self._wire = TokenWire()
 
     @handles_errors
-    async def GetToken(self, request: pb.GetTokenRequest, context: Context) -> pb.Token:
+    async def GetToken(self, request: pb.GetTokenRequest, context: Context) -> bytes:
         caller = await self._auth.require(context, Role.BROKER)
         validate_server_id(request.server_id, "server_id")
         _visible(caller, request.server_id)
@@ -41,17 +44,16 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             raise InvalidArgument(
                 "rejected_token_sha256", "must be the 64 hex digits of the token's SHA-256"
             )
-        held = await self._manager.get_token(
-            request.server_id,
-            duration(request.min_valid_for, "min_valid_for", self._manager.min_valid_for),
-            rejected,
-        )
+        wanted = self._manager.min_valid_for
+        if request.HasField("min_valid_for"):
+            wanted = duration(request.min_valid_for, "min_valid_for", wanted)
+        held = await self._manager.get_token(request.server_id, wanted, rejected)
         self._audit.issued(caller, held.server_id, held.version)
-        return token_to_proto(held)
+        return self._wire.token(held)  # pb.Token, serialized once per token
 
     async def WatchTokens(
         self, request: pb.WatchTokensRequest, context: Context
-    ) -> AsyncIterator[pb.TokenEvent]:
+    ) -> AsyncIterator[bytes]:
         server_ids = list(dict.fromkeys(request.server_ids))
         try:
             caller = await self._auth.require(context, Role.BROKER)
@@ -71,12 +73,14 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
                 await abort(context, Unauthenticated(f"caller {caller.name!r} was revoked"))
             if isinstance(event, Synced):
                 metrics.watch_event_sent("Synced")
-                yield synced(update.sequence)
+                yield synced(update.sequence).SerializeToString()
                 continue
+            metrics.watch_event_sent(type(event).__name__)
             if isinstance(event, TokenIssued):
                 self._issued(caller, event)
-            metrics.watch_event_sent(type(event).__name__)
-            yield event_to_proto(event, update.sequence)
+                yield self._wire.token_event(event.token, update.sequence)
+            else:
+                yield event_to_proto(event, update.sequence).SerializeToString()
 
     def _issued(self, caller: Caller, event: TokenIssued) -> None:
         self._audit.issued(caller, event.server_id, event.token.version, via="watch")
