@@ -293,8 +293,9 @@ WATCH_EVENT_KINDS = ("TokenIssued", "FetchFailed", "TokenRevoked", "ServerRemove
 
 
 def watch_event_sent(kind: str) -> None:
-    """kind: one of WATCH_EVENT_KINDS."""
-    WATCH_EVENTS_SENT.labels(kind).inc()
+    """kind: one of WATCH_EVENT_KINDS. Once per event and stream: the labelled
+    counters are looked up once, not on every call."""
+    _WATCH_EVENTS_SENT[kind].inc()
 
 
 def watch_event_coalesced() -> None:
@@ -345,8 +346,7 @@ def audit_dropped(count: int = 1) -> None:
 
 for _state in SDS_STATES:
     SDS_CONSUMERS.labels(_state)
-for _kind in WATCH_EVENT_KINDS:
-    WATCH_EVENTS_SENT.labels(_kind)
+_WATCH_EVENTS_SENT = {kind: WATCH_EVENTS_SENT.labels(kind) for kind in WATCH_EVENT_KINDS}
 
 
 # the listener -------------------------------------------------------------
