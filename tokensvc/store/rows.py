@@ -8,19 +8,23 @@ associated data names the row and field.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import insert, text
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tokensvc.crypto import KeyRing, associated_data
 from tokensvc.errors import StoreUnavailable
 from tokensvc.registration import Credential, CredentialKind
+from tokensvc.store.engine import sqlite_twin
 from tokensvc.store.notify import CHANNEL, Change, ChangeKind
 from tokensvc.store.records import audit_row
 from tokensvc.store.tables import audit_events
@@ -29,19 +33,34 @@ from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
 # The first key of tokensvc's advisory locks (the second is the server id's hash).
 LOCK_SPACE = 0x746B73  # "tks"
 
+T = TypeVar("T")
+# One transaction's work, on a synchronous connection (see Rows._run).
+Work = Callable[[Connection], T]
 
-@asynccontextmanager
-async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One transaction; database faults become StoreUnavailable."""
+
+@contextmanager
+def _faults() -> Iterator[None]:
+    """Database faults become StoreUnavailable."""
     try:
-        async with engine.begin() as conn:
-            yield conn
+        yield
     except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
         raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
     except DBAPIError as exc:
         if exc.connection_invalidated or _unavailable(exc):
             raise StoreUnavailable("the database connection was lost") from None
         raise
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One transaction; database faults become StoreUnavailable."""
+    with _faults():
+        async with engine.begin() as conn:
+            yield conn
+
+
+NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+AUDIT = insert(audit_events)
 
 
 def _unavailable(exc: DBAPIError) -> bool:
@@ -67,20 +86,46 @@ class Rows:
         # Who writes: the replica id that changes are announced under.
         self.origin = origin
         self.shared = engine.dialect.name == "postgresql"
+        self._twin = sqlite_twin(engine)
+        # SQLite writes one transaction at a time anyway: one thread for them all.
+        self._thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="tokensvc-sqlite") if self._twin else None
+        )
 
     async def close(self) -> None:
+        if self._thread is not None:
+            # Work handed over before the close finishes (and commits) first.
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown)
+        if self._twin is not None:
+            self._twin.dispose()
         await self.engine.dispose()
 
     def _tx(self) -> AbstractAsyncContextManager[AsyncConnection]:
         return transaction(self.engine)
 
+    async def _run(self, work: Work[T]) -> T:
+        """``work`` as one transaction on a synchronous connection: on a SQLite
+        file in the store's thread, in one hop (the whole transaction costs
+        less than aiosqlite's hops for one statement); on PostgreSQL on an
+        asyncpg connection, through SQLAlchemy's greenlet bridge."""
+        if self._twin is None or self._thread is None:
+            async with self._tx() as conn:
+                return await conn.run_sync(work)
+        twin = self._twin
+
+        def run() -> T:
+            with _faults(), twin.begin() as conn:
+                return work(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+
     async def ping(self) -> None:
         async with self._tx() as conn:
             await conn.execute(text("SELECT 1"))
 
-    async def _announce(
+    def _announce(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         kind: ChangeKind,
         server_id: str,
         number: int = 0,
@@ -89,16 +134,12 @@ class Rows:
         """Tells the other replicas, when this transaction commits (PostgreSQL)."""
         if self.shared:
             change = Change(self.origin, kind, server_id, number, revised)
-            await conn.execute(
-                text("SELECT pg_notify(:channel, :payload)"),
-                {"channel": CHANNEL, "payload": change.payload()},
-            )
+            conn.execute(NOTIFY, {"channel": CHANNEL, "payload": change.payload()})
 
     async def announce(self, kind: ChangeKind, server_id: str = "") -> None:
         """Tells the other replicas of a change that has no row of its own here."""
         if self.shared:
-            async with self._tx() as conn:
-                await self._announce(conn, kind, server_id)
+            await self._run(lambda conn: self._announce(conn, kind, server_id))
 
     @asynccontextmanager
     async def refresh_lock(self, server_id: str) -> AsyncIterator[None]:
@@ -139,23 +180,42 @@ class Rows:
         return self.keyring.encrypt(access_token.encode(), aad)
 
     def _open_token(self, row: Row[Any]) -> ServerToken:
-        aad = associated_data("tokens", row.server_id, "access_token")
-        token = Token(
-            access_token=self.keyring.decrypt(row.access_token_ct, aad).decode(),
-            token_type=row.token_type,
-            issued_at=row.issued_at,
-            expires_at=row.expires_at,
-            scopes=tuple(json.loads(row.scopes)),
+        return self._open_token_of(
+            row.server_id,
+            row.version,
+            row.revision,
+            row.access_token_ct,
+            row.token_type,
+            row.scopes,
+            row.issued_at,
+            row.expires_at,
         )
-        return ServerToken(row.server_id, token, row.version, row.revision)
+
+    def _open_token_of(
+        self,
+        server_id: str,
+        version: int,
+        revision: int,
+        envelope: bytes,
+        token_type: str,
+        scopes: str,
+        issued_at: datetime,
+        expires_at: datetime,
+    ) -> ServerToken:
+        aad = associated_data("tokens", server_id, "access_token")
+        token = Token(
+            access_token=self.keyring.decrypt(envelope, aad).decode(),
+            token_type=token_type,
+            issued_at=issued_at,
+            expires_at=expires_at,
+            scopes=tuple(json.loads(scopes)),
+        )
+        return ServerToken(server_id, token, version, revision)
 
     async def audit(self, actor: str, action: str, server_id: str | None, **detail: Any) -> None:
-        async with self._tx() as conn:
-            await self._audit(conn, actor, action, server_id, **detail)
+        await self._run(lambda conn: self._audit(conn, actor, action, server_id, **detail))
 
-    async def _audit(
-        self, conn: AsyncConnection, actor: str, action: str, server_id: str | None, **detail: Any
+    def _audit(
+        self, conn: Connection, actor: str, action: str, server_id: str | None, **detail: Any
     ) -> None:
-        await conn.execute(
-            insert(audit_events).values(audit_row(self.clock(), actor, action, server_id, detail))
-        )
+        conn.execute(AUDIT, audit_row(self.clock(), actor, action, server_id, detail))
