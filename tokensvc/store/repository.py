@@ -108,6 +108,9 @@ SAVE_FORCED = SAVE.values(rejected_versions=servers.c.rejected_versions + 1)
 TOKEN_UPDATE = update(tokens).where(tokens.c.server_id == bindparam("sid"))
 TOKEN_INSERT = insert(tokens)
 FAILURE = update(servers).where(STILL)
+# Registration's, likewise (values at execution).
+LOCKED = select(servers).where(servers.c.id == bindparam("sid")).with_for_update()
+CREATE = insert(servers)
 
 
 class Store(KeyRotation):
@@ -212,9 +215,7 @@ class Store(KeyRotation):
         # FOR UPDATE: on PostgreSQL (read committed) two concurrent updates
         # would otherwise both build on the same revision. SQLite holds the
         # write lock from BEGIN IMMEDIATE already.
-        row = conn.execute(
-            select(servers).where(servers.c.id == spec.id).with_for_update()
-        ).one_or_none()
+        row = conn.execute(LOCKED, {"sid": spec.id}).one_or_none()
         actual = row.revision if row is not None else 0
         if (expected_revision == -1 and row is not None) or (
             expected_revision > 0 and expected_revision != actual
@@ -227,19 +228,20 @@ class Store(KeyRotation):
                     "is required to create a server: give client_secret (it is never shown again)",
                 )
             conn.execute(
-                insert(servers).values(
-                    id=spec.id,
-                    incarnation=secrets.token_hex(16),
-                    revision=1,
-                    credential_kind=credential.kind.value,
-                    credential_ct=self._seal_credential(spec.id, credential),
-                    credential_info=CredentialInfo.of(credential).to_json(),
-                    token_version=0,
-                    discovery=found,
-                    create_time=now,
-                    update_time=now,
+                CREATE,
+                {
+                    "id": spec.id,
+                    "incarnation": secrets.token_hex(16),
+                    "revision": 1,
+                    "credential_kind": credential.kind.value,
+                    "credential_ct": self._seal_credential(spec.id, credential),
+                    "credential_info": CredentialInfo.of(credential).to_json(),
+                    "token_version": 0,
+                    "discovery": found,
+                    "create_time": now,
+                    "update_time": now,
                     **spec_columns(spec),
-                )
+                },
             )
             self._audit(conn, actor, "create", spec.id, revision=1)
             self._announce(conn, ChangeKind.REGISTERED, spec.id, 1, revised=True)
