@@ -62,6 +62,9 @@ HTTPError = httpx2.HTTPError
 MAX_URL = 2048
 # Connection pools per transport: one per scheme and client certificate in use.
 MAX_POOLS = 64
+# Connections of one pool, open at once and kept idle: httpcore's default of
+# 10 would queue the scheduler's concurrent token requests behind each other.
+POOL_CONNECTIONS = 100
 # The request extension that carries the ClientCertificate to present (RFC 8705).
 CLIENT_CERTIFICATE = "tokensvc.client_certificate"
 MAX_REDIRECTS = 3
@@ -526,6 +529,8 @@ class Egress:
         pool._pool = httpcore2.AsyncConnectionPool(
             ssl_context=context,
             network_backend=_PinnedBackend(self.policy, scheme, self._network),
+            max_connections=POOL_CONNECTIONS,
+            max_keepalive_connections=POOL_CONNECTIONS,
         )
         return pool
 
