@@ -18,8 +18,10 @@ from typing import Any
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from tokensvc.crypto import KeyRing
 from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     ConfigurationError,
@@ -36,6 +38,7 @@ from tokensvc.registration import (
     ServerSpec,
     plan_revision,
 )
+from tokensvc.store.contexts import FetchContexts
 from tokensvc.store.notify import ChangeKind
 from tokensvc.store.records import (
     FetchContext,
@@ -47,7 +50,7 @@ from tokensvc.store.records import (
 )
 from tokensvc.store.rotation import KeyRotation
 from tokensvc.store.tables import servers, tokens
-from tokensvc.token import ServerToken, Token
+from tokensvc.token import Clock, ServerToken, Token, utcnow
 
 NO_ERROR: dict[str, Any] = {
     "last_error_reason": None,
@@ -116,6 +119,13 @@ CREATE = insert(servers)
 class Store(KeyRotation):
     """Servers and their tokens."""
 
+    def __init__(
+        self, engine: AsyncEngine, keyring: KeyRing, clock: Clock = utcnow, origin: str = ""
+    ) -> None:
+        super().__init__(engine, keyring, clock, origin)
+        # This process alone writes the rows (SQLite): keep what refreshes read.
+        self._contexts = FetchContexts(enabled=not self.shared)
+
     # reads ---------------------------------------------------------------
 
     async def get_server(self, server_id: str) -> ServerRecord:
@@ -132,6 +142,10 @@ class Store(KeyRotation):
         return [record_of(row) for row in rows]
 
     async def load_for_fetch(self, server_id: str) -> FetchContext:
+        """The server, its credentials and its current token (see contexts.py)."""
+        kept = self._contexts.get(server_id)
+        if kept is not None:
+            return kept
         row = await self._run(
             lambda conn: conn.execute(FOR_FETCH, {"sid": server_id}).one_or_none()
         )
@@ -158,7 +172,9 @@ class Store(KeyRotation):
                 row.token_issued_at,
                 row.token_expires_at,
             )
-        return FetchContext(record, credential, token, previous)
+        context = FetchContext(record, credential, token, previous)
+        self._contexts.put(context)
+        return context
 
     async def load_token(self, server_id: str) -> ServerToken | None:
         """The server's token, if one is stored under its current revision."""
@@ -194,6 +210,7 @@ class Store(KeyRotation):
         changed (then its stored token was dropped). ``previous``: KEEP the
         credential a new one replaces as a fallback, or DROP the kept one."""
         args = (spec, credential, expected_revision, actor, discovery, previous)
+        self._contexts.forget(spec.id)
         try:
             return await self._run(lambda conn: self._register(conn, *args))
         except IntegrityError:
@@ -307,6 +324,8 @@ class Store(KeyRotation):
         )
 
     async def delete(self, server_id: str, actor: str = "") -> None:
+        self._contexts.forget(server_id)
+
         def work(conn: Connection) -> None:
             conn.execute(delete(tokens).where(tokens.c.server_id == server_id))
             result = conn.execute(delete(servers).where(servers.c.id == server_id))
@@ -370,8 +389,11 @@ class Store(KeyRotation):
 
         version = await self._run(work)
         if version is None:
+            self._contexts.forget(server_id)  # the row moved on: read it next time
             return None
-        return ServerToken(server_id, token, version, revision)
+        held = ServerToken(server_id, token, version, revision)
+        self._contexts.saved(held, next_refresh, used, forced)
+        return held
 
     async def set_discovery(
         self, server_id: str, incarnation: str, revision: int, discovery: Discovery
@@ -381,6 +403,7 @@ class Store(KeyRotation):
             .where(_still(server_id, incarnation, revision))
             .values(discovery=discovery.to_json())
         )
+        self._contexts.forget(server_id)
         await self._run(lambda conn: conn.execute(statement))
 
     async def record_failure(
@@ -406,4 +429,5 @@ class Store(KeyRotation):
             conn.execute(FAILURE, values)
             self._announce(conn, ChangeKind.FAILED, server_id, revision)
 
+        self._contexts.forget(server_id)
         await self._run(work)
