@@ -70,6 +70,7 @@ class TokenManager:
         rng: random.Random | None = None,
         discover: Callable[[ServerSpec], Awaitable[Discovery]] | None = None,
         min_forced_refresh_interval: timedelta = timedelta(seconds=10),
+        fetch_concurrency: int = 32,
     ) -> None:
         self._store = store
         self._fetcher = Fallbacks(store, metrics.timed_fetch(fetch), discover, clock)
@@ -79,7 +80,7 @@ class TokenManager:
         self.bus = bus or EventBus()
         self._rng = rng or random.Random()
         self.min_forced_refresh_interval = min_forced_refresh_interval
-        self.scheduler = Scheduler(self._scheduled_refresh, clock)
+        self.scheduler = Scheduler(self._scheduled_refresh, clock, concurrency=fetch_concurrency)
         self.servers = Servers()
         self.replication = Replication(self, store, clock)
         self.watches = Watches(self.bus, self.snapshot)
