@@ -23,18 +23,29 @@ from tokensvc.token import ServerToken
 
 
 class FetchContexts:
+    """Contexts by server id. Each write forgets the server's context and
+    bumps its generation; a read keeps what it read only if no write began
+    meanwhile (a read that raced a registration would keep the old row)."""
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._held: dict[str, FetchContext] = {}
+        self._generations: dict[str, int] = {}
 
     def get(self, server_id: str) -> FetchContext | None:
         return self._held.get(server_id)
 
-    def put(self, context: FetchContext) -> None:
-        if self.enabled:
-            self._held[context.record.spec.id] = context
+    def generation(self, server_id: str) -> int:
+        return self._generations.get(server_id, 0)
+
+    def put(self, context: FetchContext, generation: int) -> None:
+        """Keeps a context read at ``generation``, unless a write began since."""
+        server_id = context.record.spec.id
+        if self.enabled and self.generation(server_id) == generation:
+            self._held[server_id] = context
 
     def forget(self, server_id: str) -> None:
+        self._generations[server_id] = self.generation(server_id) + 1
         self._held.pop(server_id, None)
 
     def saved(
@@ -48,7 +59,7 @@ class FetchContexts:
         save wrote. A save that also changed the credentials (the fallback
         dropped, or the fallback in use) is rare: forgotten, read next time."""
         context = self._held.get(held.server_id)
-        if context is None:
+        if context is None or context.record.revision != held.revision:
             return
         record, was = context.record, context.record.status
         if used != "current" or context.previous is not None:

@@ -146,6 +146,7 @@ class Store(KeyRotation):
         kept = self._contexts.get(server_id)
         if kept is not None:
             return kept
+        generation = self._contexts.generation(server_id)
         row = await self._run(
             lambda conn: conn.execute(FOR_FETCH, {"sid": server_id}).one_or_none()
         )
@@ -173,7 +174,7 @@ class Store(KeyRotation):
                 row.token_expires_at,
             )
         context = FetchContext(record, credential, token, previous)
-        self._contexts.put(context)
+        self._contexts.put(context, generation)
         return context
 
     async def load_token(self, server_id: str) -> ServerToken | None:
