@@ -85,9 +85,8 @@ ACCESS_TOKEN = re.compile(r"[\x20-\x7e]+")
 TOKEN_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 PERCENT = re.compile(r"%[0-9A-F]{2}")
-# Per-fetch work that depends only on the registration is kept for this many
-# registrations (then forgotten all at once): which token endpoints passed the
-# URL policy, and the forms of each secret to mask in what servers answer.
+# Endpoints that passed the URL policy, and each secret's forms to mask: kept
+# for this many registrations (then forgotten all at once), not made per fetch.
 MEMO_SIZE = 4096
 
 
@@ -130,14 +129,11 @@ class TokenFetcher:
         return _read_response(result, spec, masks, self._clock(), self._default_lifetime)
 
     def _masks_of(self, client_id: str, secret: str) -> tuple[str, ...]:
-        """``secret_forms``, remembered: some forty encodings of the secret are
-        worth making once per credential, not once per request."""
-        key = (client_id, secret)
-        masks = self._masks.get(key)
-        if masks is None:
+        """``secret_forms`` (some forty encodings), made once per credential."""
+        if (masks := self._masks.get((client_id, secret))) is None:
             if len(self._masks) >= MEMO_SIZE:
                 self._masks.clear()
-            masks = self._masks[key] = secret_forms(client_id, secret)
+            masks = self._masks[client_id, secret] = secret_forms(client_id, secret)
         return masks
 
     def _check_endpoint(self, url: str) -> None:
