@@ -198,3 +198,33 @@ async def test_the_manager_fetches_exactly_when_the_rule_says_the_token_will_not
     held = await manager.get_token("alpha", wanted)
     assert len(fetch.calls) == (1 if fresh else 2)
     assert held.version == (1 if fresh else 2)
+
+
+async def test_a_get_token_for_a_server_queued_behind_the_schedule_does_not_wait_for_a_slot(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
+    await migrate.upgrade(engine)
+    store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
+    fetch = CountingFetch(clock)
+    manager = TokenManager(store, fetch, clock=clock, fetch_concurrency=1)
+    await manager.start()  # the scheduler runs: one first fetch at a time
+    gate = fetch.gates["alpha"] = asyncio.Event()
+    try:
+        for server_id in ("alpha", "beta"):
+            spec = ServerSpec(server_id, f"https://{server_id}.example/mcp", "https://as/t", "c")
+            credential = Credential(CredentialKind.CLIENT_SECRET, Secret("s"))
+            result = await store.register(spec, credential)
+            manager.registered(result.record, result.revised)
+            if server_id == "alpha":
+                await fetch.held("alpha")  # alpha's first fetch holds the only slot
+        # beta's first fetch is queued behind alpha's, which never ends: a
+        # caller of beta starts it at once rather than wait for the slot.
+        held = await asyncio.wait_for(manager.get_token("beta"), 10)
+        assert held.token.access_token == "beta-2"
+        assert fetch.calls == ["alpha", "beta"]
+    finally:
+        gate.set()
+        await manager.stop()
+        await store.close()

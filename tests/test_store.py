@@ -278,3 +278,28 @@ async def test_listing_is_in_id_order_from_a_cursor(store: Store) -> None:
         await store.register(spec(name), secret())
     assert [r.spec.id for r in await store.list_servers("", 2)] == ["a", "b"]
     assert [r.spec.id for r in await store.list_servers("b", 10)] == ["c", "d"]
+
+
+async def test_what_a_refresh_reads_follows_every_write_of_the_server(store: Store) -> None:
+    record = (await store.register(spec(), secret("old"))).record
+    assert (await store.load_for_fetch("alpha")).token is None
+    saved = await store.save_token("alpha", record.incarnation, 1, token())
+    assert saved is not None
+    loaded = await store.load_for_fetch("alpha")
+    assert loaded.token == saved and loaded.record.status.token_version == saved.version
+    await store.register(spec(), secret("new"))
+    loaded = await store.load_for_fetch("alpha")
+    assert loaded.credential.value.reveal() == "new"
+    assert loaded.token is None and loaded.record.revision == 2
+    # A token fetched under revision 1 is refused, and not kept either.
+    assert await store.save_token("alpha", record.incarnation, 1, token()) is None
+    assert (await store.load_for_fetch("alpha")).token is None
+
+
+async def test_a_read_racing_a_registration_does_not_keep_the_old_row(store: Store) -> None:
+    await store.register(spec(), secret("old"))
+    reading = asyncio.ensure_future(store.load_for_fetch("alpha"))
+    await asyncio.sleep(0)  # the read is handed to the database first
+    await store.register(spec(), secret("new"))
+    assert (await reading).credential.value.reveal() == "old"
+    assert (await store.load_for_fetch("alpha")).credential.value.reveal() == "new"

@@ -74,6 +74,7 @@ class TokenManager:
         min_forced_refresh_interval: timedelta = timedelta(seconds=10),
         membership: Membership | None = None,
         takeover: timedelta = timedelta(0),
+        fetch_concurrency: int = 32,
     ) -> None:
         self._store = store
         self._fetcher = Fallbacks(store, metrics.timed_fetch(fetch), discover, clock)
@@ -83,7 +84,7 @@ class TokenManager:
         self.bus = bus or EventBus()
         self._rng = rng or random.Random()
         self.min_forced_refresh_interval = min_forced_refresh_interval
-        self.scheduler = Scheduler(self._scheduled_refresh, clock)
+        self.scheduler = Scheduler(self._scheduled_refresh, clock, concurrency=fetch_concurrency)
         self.servers = Servers()
         self.replication = Replication(self, store, clock)
         # Alone (SQLite, tests): this process owns every server.

@@ -85,6 +85,9 @@ ACCESS_TOKEN = re.compile(r"[\x20-\x7e]+")
 TOKEN_TYPE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 PERCENT = re.compile(r"%[0-9A-F]{2}")
+# Endpoints that passed the URL policy, and each secret's forms to mask: kept
+# for this many registrations (then forgotten all at once), not made per fetch.
+MEMO_SIZE = 4096
 
 
 class TokenFetcher:
@@ -112,6 +115,8 @@ class TokenFetcher:
         self._url_policy = self._egress.policy
         self._clock = clock
         self._client = _Client(**self._egress.client_options())
+        self._endpoints_checked: set[str] = set()
+        self._masks: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
         """One token request for ``spec`` (its token endpoint and auth method as
@@ -120,8 +125,24 @@ class TokenFetcher:
         result = await self._send(spec, auth, grant)
         if isinstance(result, FetchError):
             raise result  # here, outside any except block: no __context__ to leak
-        masks = secret_forms(spec.client_id, secret)
+        masks = self._masks_of(spec.client_id, secret)
         return _read_response(result, spec, masks, self._clock(), self._default_lifetime)
+
+    def _masks_of(self, client_id: str, secret: str) -> tuple[str, ...]:
+        """``secret_forms`` (some forty encodings), made once per credential."""
+        if (masks := self._masks.get((client_id, secret))) is None:
+            if len(self._masks) >= MEMO_SIZE:
+                self._masks.clear()
+            masks = self._masks[client_id, secret] = secret_forms(client_id, secret)
+        return masks
+
+    def _check_endpoint(self, url: str) -> None:
+        """The URL policy's syntax check, once per endpoint (the policy is fixed)."""
+        if url not in self._endpoints_checked:
+            self._url_policy.check_syntax("server.token_endpoint", url)
+            if len(self._endpoints_checked) >= MEMO_SIZE:
+                self._endpoints_checked.clear()
+            self._endpoints_checked.add(url)
 
     def _client_auth(
         self, spec: ServerSpec, credential: Credential
@@ -185,7 +206,7 @@ class TokenFetcher:
         """The POST, with every failure returned (not raised) as one of our errors."""
         try:
             async with asyncio.timeout(self._timeout):
-                self._url_policy.check_syntax("server.token_endpoint", spec.token_endpoint)
+                self._check_endpoint(spec.token_endpoint)
                 response: Response = await self._client.fetch_token(
                     spec.token_endpoint,
                     auth=auth,

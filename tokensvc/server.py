@@ -155,6 +155,7 @@ class Service:
             min_valid_for=settings.default_min_valid_for,
             policy=settings.refresh_policy,
             min_forced_refresh_interval=timedelta(seconds=settings.min_forced_refresh_interval),
+            fetch_concurrency=settings.fetch_concurrency,
             discover=functools.partial(
                 discover, get=self.egress.get, policy=policy, clock=self.clock
             ),

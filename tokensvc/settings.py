@@ -47,6 +47,10 @@ class Settings:
     # TestServer) on top of the system's; re-read when the file changes.
     outbound_ca_file: Path | None = None
     http_timeout: float = 10.0
+    # Token requests the schedule (first fetches after registration, and
+    # refreshes) has in flight at once; a GetToken that must wait for a token
+    # never waits for one of these slots.
+    fetch_concurrency: int = 32
     max_response_bytes: int = 65536
     default_token_lifetime: float = 300.0
     min_valid_for: float = DEFAULT_MIN_VALID_FOR.total_seconds()
@@ -174,6 +178,8 @@ class Settings:
             raise ConfigurationError(
                 "replica_ttl must be at least twice replica_heartbeat_interval and at most 600 s"
             )
+        if not 1 <= self.fetch_concurrency <= 1024:
+            raise ConfigurationError("fetch_concurrency must be between 1 and 1024")
         if not 1024 <= self.max_response_bytes <= 16 * 1024 * 1024:
             raise ConfigurationError("max_response_bytes must be between 1024 and 16777216")
         if bool(self.tls_cert) != bool(self.tls_key):

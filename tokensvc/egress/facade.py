@@ -32,6 +32,9 @@ Response = httpx2.Response
 HTTPError = httpx2.HTTPError
 
 MAX_REDIRECTS = 3
+# Connections of one pool, open at once and kept idle: httpcore's default of
+# 10 would queue the scheduler's concurrent token requests behind each other.
+POOL_CONNECTIONS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,8 @@ class Egress:
         pool._pool = httpcore2.AsyncConnectionPool(
             ssl_context=context,
             network_backend=PinnedBackend(self.policy, scheme, self._network),
+            max_connections=POOL_CONNECTIONS,
+            max_keepalive_connections=POOL_CONNECTIONS,
         )
         return pool
 

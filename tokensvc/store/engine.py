@@ -7,8 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tokensvc.errors import ConfigurationError
@@ -24,11 +25,31 @@ def create_engine(url: str) -> AsyncEngine:
         # Only ciphertext is secret in there, but nobody else needs to read it.
         path.touch(mode=0o600, exist_ok=True)
     engine = create_async_engine(url, connect_args={"timeout": 30})
+    _configure_sqlite(engine.sync_engine)
+    return engine
 
+
+def sqlite_twin(engine: AsyncEngine) -> Engine | None:
+    """A synchronous engine on the same SQLite file, for transactions run whole
+    in one thread: aiosqlite hands each DBAPI call (cursor, execute, fetch,
+    close, commit) to its thread and back, and those hops cost several times
+    what SQLite does. None for PostgreSQL, and for an in-memory database (a
+    second engine would open another one)."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    twin = sqlalchemy.create_engine(
+        url.set(drivername="sqlite+pysqlite"), connect_args={"timeout": 30}
+    )
+    _configure_sqlite(twin)
+    return twin
+
+
+def _configure_sqlite(engine: Engine) -> None:
     # pysqlite's deferred BEGIN lets two writers read the same row and both
     # write, one silently losing. Take the write lock when a transaction
     # begins (BEGIN IMMEDIATE) and let SQLAlchemy, not the driver, begin them.
-    @event.listens_for(engine.sync_engine, "connect")
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -41,11 +62,9 @@ def create_engine(url: str) -> AsyncEngine:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
 
 
 def lock_sqlite(url: str) -> int | None:

@@ -1,58 +1,47 @@
 """The repository: servers and their tokens, on SQLite or PostgreSQL.
 
 Callers hand in and get back plain ``Credential`` and ``Token`` values; the
-encryption is in tokensvc.store.rows.
+encryption is in tokensvc.store.rows. Each method is one transaction run
+whole on a synchronous connection (``Rows._run``), and the statements of the
+refresh path are built once, here, rather than on every call.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import secrets
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from tokensvc.crypto import KeyRing
 from tokensvc.discovery import Discovery
 from tokensvc.errors import (
     ConfigurationError,
     FetchError,
-    InvalidArgument,
-    RevisionMismatch,
     ServerNotFound,
 )
 from tokensvc.registration import (
     Credential,
-    CredentialInfo,
     PreviousCredential,
-    RevisionPlan,
     ServerSpec,
-    plan_revision,
 )
+from tokensvc.store.contexts import FetchContexts
 from tokensvc.store.notify import ChangeKind
 from tokensvc.store.records import (
     FetchContext,
     Registration,
     ServerRecord,
     record_of,
-    spec_columns,
-    spec_of,
 )
-from tokensvc.store.rotation import KeyRotation
+from tokensvc.store.registering import NO_ERROR, SERVER, Registering
 from tokensvc.store.tables import servers, tokens
-from tokensvc.token import ServerToken, Token
-
-NO_ERROR: dict[str, Any] = {
-    "last_error_reason": None,
-    "last_error_code": None,
-    "last_error_description": None,
-    "last_error_time": None,
-}
+from tokensvc.token import Clock, ServerToken, Token, utcnow
 
 
 def _still(server_id: str, incarnation: str, revision: int) -> ColumnElement[bool]:
@@ -72,23 +61,55 @@ def _current_tokens() -> Any:
     )
 
 
-def _select_servers() -> Any:
+def _select_servers(*token_columns: Any) -> Any:
     """Servers with the expiry of their current token, if stored."""
-    return select(servers, tokens.c.expires_at.label("token_expires_at")).outerjoin(
+    return select(servers, tokens.c.expires_at.label("token_expires_at"), *token_columns).outerjoin(
         tokens, (tokens.c.server_id == servers.c.id) & (tokens.c.revision == servers.c.revision)
     )
 
 
-class Store(KeyRotation):
+# The refresh path's statements, built once.
+# The server and its current token in one statement: what a token request needs.
+FOR_FETCH = _select_servers(
+    tokens.c.version.label("token_row_version"),
+    tokens.c.access_token_ct,
+    tokens.c.token_type,
+    tokens.c.scopes.label("token_scopes"),
+    tokens.c.issued_at.label("token_issued_at"),
+).where(servers.c.id == bindparam("sid"))
+CURRENT_TOKEN = _current_tokens().where(tokens.c.server_id == bindparam("sid"))
+STILL = (
+    (servers.c.id == bindparam("sid"))
+    & (servers.c.incarnation == bindparam("inc"))
+    & (servers.c.revision == bindparam("rev"))
+)
+# The SET values come with each execution (column names as keys).
+SAVE = (
+    update(servers)
+    .where(STILL)
+    .values(token_version=servers.c.token_version + 1)
+    .returning(servers.c.token_version)
+)
+SAVE_FORCED = SAVE.values(rejected_versions=servers.c.rejected_versions + 1)
+TOKEN_UPDATE = update(tokens).where(tokens.c.server_id == bindparam("sid"))
+TOKEN_INSERT = insert(tokens)
+FAILURE = update(servers).where(STILL)
+
+
+class Store(Registering):
     """Servers and their tokens."""
+
+    def __init__(
+        self, engine: AsyncEngine, keyring: KeyRing, clock: Clock = utcnow, origin: str = ""
+    ) -> None:
+        super().__init__(engine, keyring, clock, origin)
+        # This process alone writes the rows (SQLite): keep what refreshes read.
+        self._contexts = FetchContexts(enabled=not self.shared)
 
     # reads ---------------------------------------------------------------
 
     async def get_server(self, server_id: str) -> ServerRecord:
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(_select_servers().where(servers.c.id == server_id))
-            ).one_or_none()
+        row = await self._run(lambda conn: conn.execute(SERVER, {"sid": server_id}).one_or_none())
         if row is None:
             raise ServerNotFound(server_id)
         return record_of(row)
@@ -97,24 +118,20 @@ class Store(KeyRotation):
         query = _select_servers().order_by(servers.c.id).limit(limit)
         if after:
             query = query.where(servers.c.id > after)
-        async with self._tx() as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._run(lambda conn: conn.execute(query).all())
         return [record_of(row) for row in rows]
 
     async def load_for_fetch(self, server_id: str) -> FetchContext:
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(_select_servers().where(servers.c.id == server_id))
-            ).one_or_none()
-            if row is None:
-                raise ServerNotFound(server_id)
-            token_row = (
-                await conn.execute(
-                    select(tokens).where(
-                        tokens.c.server_id == server_id, tokens.c.revision == row.revision
-                    )
-                )
-            ).one_or_none()
+        """The server, its credentials and its current token (see contexts.py)."""
+        kept = self._contexts.get(server_id)
+        if kept is not None:
+            return kept
+        generation = self._contexts.generation(server_id)
+        row = await self._run(
+            lambda conn: conn.execute(FOR_FETCH, {"sid": server_id}).one_or_none()
+        )
+        if row is None:
+            raise ServerNotFound(server_id)
         record = record_of(row)
         if row.credential_ct is None or row.credential_kind is None:
             raise ConfigurationError(f"server {server_id!r} has no credential")
@@ -124,23 +141,38 @@ class Store(KeyRotation):
             previous = self._open_credential(
                 server_id, row.previous_credential_kind, row.previous_credential_ct, "previous_"
             )
-        token = self._open_token(token_row) if token_row is not None else None
-        return FetchContext(record, credential, token, previous)
+        token = None
+        if row.access_token_ct is not None:
+            token = self._open_token_of(
+                server_id,
+                row.token_row_version,
+                row.revision,
+                row.access_token_ct,
+                row.token_type,
+                row.token_scopes,
+                row.token_issued_at,
+                row.token_expires_at,
+            )
+        context = FetchContext(record, credential, token, previous)
+        self._contexts.put(context, generation)
+        return context
 
     async def load_token(self, server_id: str) -> ServerToken | None:
         """The server's token, if one is stored under its current revision."""
-        async with self._tx() as conn:
-            row = (
-                await conn.execute(_current_tokens().where(tokens.c.server_id == server_id))
-            ).one_or_none()
+        row = await self._run(
+            lambda conn: conn.execute(CURRENT_TOKEN, {"sid": server_id}).one_or_none()
+        )
         return self._open_token(row) if row is not None else None
 
     async def load_all(self) -> list[tuple[ServerRecord, ServerToken | None]]:
         """Every server with its token of the current revision, if stored (for
         warming the cache and the schedule at start)."""
-        async with self._tx() as conn:
-            rows = (await conn.execute(_select_servers().order_by(servers.c.id))).all()
-            token_rows = (await conn.execute(_current_tokens())).all()
+
+        def work(conn: Connection) -> tuple[Sequence[Row[Any]], Sequence[Row[Any]]]:
+            rows = conn.execute(_select_servers().order_by(servers.c.id)).all()
+            return rows, conn.execute(_current_tokens()).all()
+
+        rows, token_rows = await self._run(work)
         stored = {row.server_id: self._open_token(row) for row in token_rows}
         return [(record_of(row), stored.get(row.id)) for row in rows]
 
@@ -159,130 +191,25 @@ class Store(KeyRotation):
         changed (then its stored token was dropped). ``previous``: KEEP the
         credential a new one replaces as a fallback, or DROP the kept one."""
         args = (spec, credential, expected_revision, actor, discovery, previous)
+        self._contexts.forget(spec.id)
         try:
-            return await self._register(*args)
+            return await self._run(lambda conn: self._register(conn, *args))
         except IntegrityError:
             # Two creations raced and the other won: now this one is an update.
-            return await self._register(*args)
-
-    async def _register(
-        self,
-        spec: ServerSpec,
-        credential: Credential | None,
-        expected_revision: int,
-        actor: str,
-        discovery: Discovery | None,
-        previous: PreviousCredential,
-    ) -> Registration:
-        now = self.clock()
-        found = discovery.to_json() if discovery is not None else None
-        async with self._tx() as conn:
-            # FOR UPDATE: on PostgreSQL (read committed) two concurrent updates
-            # would otherwise both build on the same revision. SQLite holds the
-            # write lock from BEGIN IMMEDIATE already.
-            row = (
-                await conn.execute(select(servers).where(servers.c.id == spec.id).with_for_update())
-            ).one_or_none()
-            actual = row.revision if row is not None else 0
-            if (expected_revision == -1 and row is not None) or (
-                expected_revision > 0 and expected_revision != actual
-            ):
-                raise RevisionMismatch(spec.id, expected_revision, actual)
-            if row is None:
-                if credential is None:
-                    raise InvalidArgument(
-                        "client_secret",
-                        "is required to create a server: give client_secret "
-                        "(it is never shown again)",
-                    )
-                await conn.execute(
-                    insert(servers).values(
-                        id=spec.id,
-                        incarnation=secrets.token_hex(16),
-                        revision=1,
-                        credential_kind=credential.kind.value,
-                        credential_ct=self._seal_credential(spec.id, credential),
-                        credential_info=CredentialInfo.of(credential).to_json(),
-                        token_version=0,
-                        discovery=found,
-                        create_time=now,
-                        update_time=now,
-                        **spec_columns(spec),
-                    )
-                )
-                await self._audit(conn, actor, "create", spec.id, revision=1)
-                await self._announce(conn, ChangeKind.REGISTERED, spec.id, 1, revised=True)
-                changed = revised = True
-            else:
-                plan = plan_revision(
-                    spec_of(row),
-                    spec,
-                    credential_changed=credential is not None
-                    and not self._same_credential(row, credential),
-                    discovery_changed=Discovery.from_json(row.discovery) != discovery,
-                    holds_previous=row.previous_credential_ct is not None,
-                    previous=previous,
-                )
-                changed, revised = plan.changed, plan.revised
-                if changed:
-                    await self._revise(conn, row, spec, credential, found, plan)
-                    revision = row.revision + 1 if revised else row.revision
-                    await self._audit(
-                        conn, actor, "update", spec.id, revision=revision, changed=plan.fields
-                    )
-                    await self._announce(conn, ChangeKind.REGISTERED, spec.id, revision, revised)
-            row = (await conn.execute(_select_servers().where(servers.c.id == spec.id))).one()
-        return Registration(record_of(row), revised, changed)
-
-    async def _revise(
-        self,
-        conn: AsyncConnection,
-        row: Row[Any],
-        spec: ServerSpec,
-        credential: Credential | None,
-        found: str | None,
-        plan: RevisionPlan,
-    ) -> None:
-        values: dict[str, Any] = {
-            "revision": row.revision + 1 if plan.revised else row.revision,
-            "update_time": self.clock(),
-            "discovery": found,
-            **spec_columns(spec),
-        }
-        if plan.revised:
-            values.update(NO_ERROR, next_refresh_time=None)
-        if credential is not None and "credential" in plan.fields:
-            values["credential_kind"] = credential.kind.value
-            values["credential_ct"] = self._seal_credential(spec.id, credential)
-            values["credential_info"] = CredentialInfo.of(credential).to_json()
-            values["credential_in_use"] = ""
-        if plan.keep_old_credential and row.credential_ct is not None:
-            old = self._open_credential(spec.id, row.credential_kind, row.credential_ct)
-            values["previous_credential_kind"] = old.kind.value
-            values["previous_credential_ct"] = self._seal_credential(spec.id, old, "previous_")
-        elif plan.drops_previous:
-            values["previous_credential_kind"] = None
-            values["previous_credential_ct"] = None
-        await conn.execute(update(servers).where(servers.c.id == spec.id).values(**values))
-        if plan.revised:
-            await conn.execute(delete(tokens).where(tokens.c.server_id == spec.id))
-
-    def _same_credential(self, row: Row[Any], credential: Credential) -> bool:
-        if row.credential_ct is None or row.credential_kind != credential.kind.value:
-            return False
-        stored = self._open_credential(row.id, row.credential_kind, row.credential_ct)
-        return hmac.compare_digest(
-            stored.value.reveal().encode(), credential.value.reveal().encode()
-        )
+            return await self._run(lambda conn: self._register(conn, *args))
 
     async def delete(self, server_id: str, actor: str = "") -> None:
-        async with self._tx() as conn:
-            await conn.execute(delete(tokens).where(tokens.c.server_id == server_id))
-            result = await conn.execute(delete(servers).where(servers.c.id == server_id))
+        self._contexts.forget(server_id)
+
+        def work(conn: Connection) -> None:
+            conn.execute(delete(tokens).where(tokens.c.server_id == server_id))
+            result = conn.execute(delete(servers).where(servers.c.id == server_id))
             if result.rowcount == 0:
                 raise ServerNotFound(server_id)
-            await self._audit(conn, actor, "delete", server_id)
-            await self._announce(conn, ChangeKind.REMOVED, server_id)
+            self._audit(conn, actor, "delete", server_id)
+            self._announce(conn, ChangeKind.REMOVED, server_id)
+
+        await self._run(work)
 
     async def save_token(
         self,
@@ -298,62 +225,61 @@ class Store(KeyRotation):
         server is still the incarnation and revision it was fetched under;
         otherwise returns None and the token must be thrown away. ``forced``:
         it replaces a token an MCP server refused."""
-        rejections: dict[str, Any] = {"rejected_versions": 0}
+        values: dict[str, Any] = {
+            "sid": server_id,
+            "inc": incarnation,
+            "rev": revision,
+            "last_fetch_time": token.issued_at,
+            "next_refresh_time": next_refresh,
+            "credential_in_use": used,
+            **NO_ERROR,
+        }
         if forced:
-            rejections = {
-                "forced_refresh_time": token.issued_at,
-                "rejected_versions": servers.c.rejected_versions + 1,
-            }
-        async with self._tx() as conn:
-            version = (
-                await conn.execute(
-                    update(servers)
-                    .where(_still(server_id, incarnation, revision))
-                    .values(
-                        token_version=servers.c.token_version + 1,
-                        last_fetch_time=token.issued_at,
-                        next_refresh_time=next_refresh,
-                        credential_in_use=used,
-                        **rejections,
-                        **NO_ERROR,
-                        # The new credential works: the fallback is no longer needed.
-                        **(
-                            {"previous_credential_kind": None, "previous_credential_ct": None}
-                            if used == "current"
-                            else {}
-                        ),
-                    )
-                    .returning(servers.c.token_version)
-                )
-            ).scalar_one_or_none()
+            values["forced_refresh_time"] = token.issued_at
+        else:
+            values["rejected_versions"] = 0
+        if used == "current":
+            # The new credential works: the fallback is no longer needed.
+            values.update(previous_credential_kind=None, previous_credential_ct=None)
+        row = {
+            "revision": revision,
+            "access_token_ct": self._seal_token(server_id, token.access_token),
+            "token_type": token.token_type,
+            "scopes": json.dumps(list(token.scopes)),
+            "issued_at": token.issued_at,
+            "expires_at": token.expires_at,
+        }
+
+        def work(conn: Connection) -> ServerToken | None:
+            saved = conn.execute(SAVE_FORCED if forced else SAVE, values)
+            version: int | None = saved.scalar_one_or_none()
             if version is None:
                 return None
-            await conn.execute(delete(tokens).where(tokens.c.server_id == server_id))
-            await conn.execute(
-                insert(tokens).values(
-                    server_id=server_id,
-                    version=version,
-                    revision=revision,
-                    access_token_ct=self._seal_token(server_id, token.access_token),
-                    token_type=token.token_type,
-                    scopes=json.dumps(list(token.scopes)),
-                    issued_at=token.issued_at,
-                    expires_at=token.expires_at,
-                )
-            )
-            saved = ServerToken(server_id, token, version, revision)
-            await self._announce(conn, ChangeKind.TOKEN, server_id, version, token=saved)
-        return saved
+            # One row per server: replaced in place, inserted the first time.
+            row["version"] = version
+            if not conn.execute(TOKEN_UPDATE, {"sid": server_id, **row}).rowcount:
+                conn.execute(TOKEN_INSERT, {"server_id": server_id, **row})
+            held = ServerToken(server_id, token, version, revision)
+            self._announce(conn, ChangeKind.TOKEN, server_id, version, token=held)
+            return held
+
+        held = await self._run(work)
+        if held is None:
+            self._contexts.forget(server_id)  # the row moved on: read it next time
+            return None
+        self._contexts.saved(held, next_refresh, used, forced)
+        return held
 
     async def set_discovery(
         self, server_id: str, incarnation: str, revision: int, discovery: Discovery
     ) -> None:
-        async with self._tx() as conn:
-            await conn.execute(
-                update(servers)
-                .where(_still(server_id, incarnation, revision))
-                .values(discovery=discovery.to_json())
-            )
+        statement = (
+            update(servers)
+            .where(_still(server_id, incarnation, revision))
+            .values(discovery=discovery.to_json())
+        )
+        self._contexts.forget(server_id)
+        await self._run(lambda conn: conn.execute(statement))
 
     async def record_failure(
         self,
@@ -363,16 +289,20 @@ class Store(KeyRotation):
         error: FetchError,
         next_attempt: datetime | None = None,
     ) -> None:
-        async with self._tx() as conn:
-            await conn.execute(
-                update(servers)
-                .where(_still(server_id, incarnation, revision))
-                .values(
-                    last_error_reason=error.reason,
-                    last_error_code=error.oauth.error or None,
-                    last_error_description=error.oauth.error_description or error.message,
-                    last_error_time=self.clock(),
-                    next_refresh_time=next_attempt,
-                )
-            )
-            await self._announce(conn, ChangeKind.FAILED, server_id, revision)
+        values = {
+            "sid": server_id,
+            "inc": incarnation,
+            "rev": revision,
+            "last_error_reason": error.reason,
+            "last_error_code": error.oauth.error or None,
+            "last_error_description": error.oauth.error_description or error.message,
+            "last_error_time": self.clock(),
+            "next_refresh_time": next_attempt,
+        }
+
+        def work(conn: Connection) -> None:
+            conn.execute(FAILURE, values)
+            self._announce(conn, ChangeKind.FAILED, server_id, revision)
+
+        self._contexts.forget(server_id)
+        await self._run(work)
