@@ -13,7 +13,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,12 +35,15 @@ from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.egress import Egress, UrlPolicy, is_loopback
+from tokensvc.fallbacks import Fetch
+from tokensvc.manager import TokenManager
+from tokensvc.registration import Credential, CredentialKind, ServerSpec
 from tokensvc.registry import Callers
 from tokensvc.server import Service, keyring_for, open_store
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore, CallerRecord
-from tokensvc.token import Clock, utcnow
+from tokensvc.token import Clock, Secret, utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
@@ -108,6 +111,29 @@ async def store(database_url: str, keyring: KeyRing) -> AsyncIterator[Store]:
     try:
         yield store
     finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def manager_over(
+    path: Path, fetch: Fetch, clock: Clock, server_ids: Sequence[str], **options: Any
+) -> AsyncIterator[TokenManager]:
+    """A TokenManager on SQLite under ``path`` with a test's own ``fetch`` (no
+    authorization server), the servers ``server_ids`` registered, and its
+    schedule driven by the test (``options`` go to TokenManager)."""
+    engine = create_engine(f"sqlite+aiosqlite:///{path}/t.db")
+    await migrate.upgrade(engine)
+    store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
+    manager = TokenManager(store, fetch, clock=clock, **options)
+    await manager.start(run_scheduler=False)
+    for sid in server_ids:
+        spec = ServerSpec(sid, f"https://{sid}.example/mcp", "https://as/token", "c")
+        result = await store.register(spec, Credential(CredentialKind.CLIENT_SECRET, Secret("s")))
+        manager.registered(result.record, result.revised)
+    try:
+        yield manager
+    finally:
+        await manager.stop()
         await store.close()
 
 

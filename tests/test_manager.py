@@ -20,7 +20,7 @@ from tokensvc.registration import Credential, CredentialKind, ServerSpec
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.token import DEFAULT_MIN_VALID_FOR, Clock, Secret, Token, fresh_enough, sha256_hex
 
-from support import FakeClock
+from support import FakeClock, manager_over
 
 LIFETIME = timedelta(seconds=100)
 
@@ -58,23 +58,10 @@ class CountingFetch:
 @pytest.fixture
 async def world(tmp_path: Path) -> AsyncIterator[tuple[TokenManager, CountingFetch, FakeClock]]:
     clock = FakeClock()
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
-    await migrate.upgrade(engine)
-    store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
     fetch = CountingFetch(clock)
-    manager = TokenManager(
-        store, fetch, clock=clock, policy=RefreshPolicy(jitter=0), rng=random.Random(0)
-    )
-    await manager.start(run_scheduler=False)
-    for server_id in ("alpha", "beta"):
-        spec = ServerSpec(server_id, f"https://{server_id}.example/mcp", "https://as/token", "c")
-        result = await store.register(spec, Credential(CredentialKind.CLIENT_SECRET, Secret("s")))
-        manager.registered(result.record, result.revised)
-    try:
+    options = {"policy": RefreshPolicy(jitter=0), "rng": random.Random(0)}
+    async with manager_over(tmp_path, fetch, clock, ("alpha", "beta"), **options) as manager:
         yield manager, fetch, clock
-    finally:
-        await manager.stop()
-        await store.close()
 
 
 async def test_manager_should_hit_the_network_once_for_300_callers_and_then_use_its_cache(

@@ -20,14 +20,14 @@ from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.manager import TokenManager
 from tokensvc.ownership import FALLBACK_SHARE, Duty, Membership, owner_of, rebalance
 from tokensvc.policy import RefreshPolicy
-from tokensvc.registration import Credential, CredentialKind, ServerSpec
+from tokensvc.registration import Credential, ServerSpec
 from tokensvc.scheduler import Scheduler
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.notify import Change, ChangeKind
 from tokensvc.store.replicas import ReplicaTable
-from tokensvc.token import Secret, ServerToken, Token
+from tokensvc.token import ServerToken, Token
 
-from support import FakeClock, create_pg_database, drop_pg_database
+from support import FakeClock, create_pg_database, drop_pg_database, manager_over
 
 SERVERS = [f"srv-{i:05d}" for i in range(3000)]
 REPLICAS = ["host-a:101:1f2e", "host-b:102:3d4c", "host-c:103:5b6a"]
@@ -80,9 +80,6 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[TokenManager, Membership,
     """A manager on SQLite whose membership the test sets (three replicas,
     itself the first), and a clock that moves only when told to."""
     clock = FakeClock()
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/t.db")
-    await migrate.upgrade(engine)
-    store = Store(engine, KeyRing.parse(generate_key_entry()), clock)
     calls: list[str] = []
 
     async def fetch(spec: ServerSpec, credential: Credential) -> Token:
@@ -91,25 +88,10 @@ async def world(tmp_path: Path) -> AsyncIterator[tuple[TokenManager, Membership,
         return Token(f"{spec.id}-{len(calls)}", "Bearer", now, now + LIFETIME)
 
     membership = Membership(REPLICAS[0], REPLICAS)
-    manager = TokenManager(
-        store,
-        fetch,
-        clock=clock,
-        policy=RefreshPolicy(jitter=0),
-        membership=membership,
-        takeover=TAKEOVER,
-    )
-    manager.calls = calls  # type: ignore[attr-defined]
-    await manager.start(run_scheduler=False)
-    for sid in SERVERS[:30]:
-        spec = ServerSpec(sid, f"https://{sid}.example/mcp", "https://as/token", "c")
-        result = await store.register(spec, Credential(CredentialKind.CLIENT_SECRET, Secret("s")))
-        manager.registered(result.record, result.revised)
-    try:
+    options = {"policy": RefreshPolicy(jitter=0), "membership": membership, "takeover": TAKEOVER}
+    async with manager_over(tmp_path, fetch, clock, SERVERS[:30], **options) as manager:
+        manager.calls = calls  # type: ignore[attr-defined]
         yield manager, membership, clock
-    finally:
-        await manager.stop()
-        await store.close()
 
 
 def _split(membership: Membership) -> tuple[list[str], list[str]]:
