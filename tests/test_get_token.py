@@ -15,10 +15,22 @@ from tokensvc.api.convert import token_to_proto
 from tokensvc.api.wire import TokenWire
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.errors import AuthorizationServerUnavailable
+from tokensvc.store import create_engine, migrate
+from tokensvc.store.engine import PG_MAX_OVERFLOW, PG_POOL_SIZE, PG_REFRESH_LOCKS
 from tokensvc.token import ServerToken, Token
 from tokensvc.v1 import tokensvc_pb2 as pb
 
-from support import CLIENT_ID, SECRET, FakeClock, Harness, error_info, running_service, sha
+from support import (
+    CLIENT_ID,
+    SECRET,
+    FakeClock,
+    Harness,
+    create_pg_database,
+    drop_pg_database,
+    error_info,
+    running_service,
+    sha,
+)
 
 
 def get(server_id: str = "alpha", **fields: object) -> pb.GetTokenRequest:
@@ -315,3 +327,35 @@ def test_a_serialized_response_goes_with_its_token_and_a_new_one_is_not_the_old(
     assert len(wire) == 1
     del first  # nothing holds the token any more: its bytes are gone too
     assert len(wire) == 0
+
+
+async def test_on_postgresql_more_token_requests_than_pooled_connections_do_not_starve_the_store(
+    tmp_path: Path, auth: AuthServer, key_entry: str
+) -> None:
+    """Each token request holds a connection for its refresh lock: with more
+    requests in flight than the pool has connections, the holders must still
+    get connections to save what they fetched, and everything else to work."""
+    servers = [f"s{i:02d}" for i in range(PG_POOL_SIZE + PG_MAX_OVERFLOW + 10)]
+    url = await create_pg_database()
+    engine = create_engine(url)
+    try:
+        await migrate.upgrade(engine)
+        gate = asyncio.Event()
+        auth.behaviour.gate = gate  # every token request waits, holding its lock
+        async with running_service(
+            tmp_path, auth, database_url=url, keys=key_entry, fetch_concurrency=len(servers)
+        ) as h:
+            for sid in servers:
+                await h.register(sid)
+            gets = [
+                asyncio.ensure_future(h.tokens.GetToken(get(sid), timeout=60)) for sid in servers
+            ]
+            await auth.wait_for_requests(PG_REFRESH_LOCKS)
+            listed = await h.admin.ListServers(pb.ListServersRequest(), timeout=30)
+            assert len(listed.servers) == len(servers)
+            gate.set()
+            tokens = await asyncio.gather(*gets)
+        assert [t.server_id for t in tokens] == servers and all(t.version == 1 for t in tokens)
+    finally:
+        await engine.dispose()
+        await drop_pg_database(url)

@@ -14,11 +14,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tokensvc.errors import ConfigurationError
 
+# PostgreSQL connections per process: 3 replicas and their listeners stay well
+# under PostgreSQL's default max_connections (100).
+PG_POOL_SIZE, PG_MAX_OVERFLOW = 10, 10
+# At most this many of them hold a refresh lock (Rows.refresh_lock) at once, so
+# that the others remain for what the holders do under it (read the server,
+# save the token) and for every other transaction: with all of them holding
+# locks, each holder would wait for a connection none gives back.
+PG_REFRESH_LOCKS = 12
+
 
 def create_engine(url: str) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+        return create_async_engine(
+            url, pool_pre_ping=True, pool_size=PG_POOL_SIZE, max_overflow=PG_MAX_OVERFLOW
+        )
     if parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

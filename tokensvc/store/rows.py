@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from tokensvc.crypto import KeyRing, associated_data
 from tokensvc.errors import DecryptionError, StoreUnavailable
 from tokensvc.registration import Credential, CredentialKind
-from tokensvc.store.engine import sqlite_twin
+from tokensvc.store.engine import PG_REFRESH_LOCKS, sqlite_twin
 from tokensvc.store.notify import CHANNEL, Change, ChangeKind
 from tokensvc.store.records import audit_row
 from tokensvc.store.tables import audit_events
@@ -137,6 +137,7 @@ class Rows:
         # Who writes: the replica id that changes are announced under.
         self.origin = origin
         self.shared = engine.dialect.name == "postgresql"
+        self._lock_slots = asyncio.Semaphore(PG_REFRESH_LOCKS)
         twin = sqlite_twin(engine)
         self._thread = TransactionThread(twin) if twin is not None else None
 
@@ -193,13 +194,14 @@ class Rows:
         with it, so another takes over at once instead of waiting for a lease to
         expire, and a waiter is woken by PostgreSQL rather than polling. The
         price is a pooled connection held for the length of the request (at
-        most the HTTP timeout), one per server being refreshed: the manager's
-        in-process single flight and the scheduler's concurrency bound that.
+        most the HTTP timeout), one per server being refreshed, and at most
+        PG_REFRESH_LOCKS at once, whoever started the refresh (the schedule or a
+        GetToken), so that the pool never runs dry under its holders.
         """
         if not self.shared:
             yield
             return
-        async with self._tx() as conn:
+        async with self._lock_slots, self._tx() as conn:
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(:space, hashtext(:id))"),
                 {"space": LOCK_SPACE, "id": server_id},
