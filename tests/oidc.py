@@ -245,7 +245,12 @@ class OidcProvider:
         self._drain = asyncio.create_task(self._collect_stderr())
         try:
             assert self._process.stdout is not None
-            line = await asyncio.wait_for(self._process.stdout.readline(), START_TIMEOUT)
+            try:
+                line = await asyncio.wait_for(self._process.stdout.readline(), START_TIMEOUT)
+            except TimeoutError:
+                raise RuntimeError(
+                    f"provider.mjs printed nothing in {START_TIMEOUT:g} s:\n" + self.stderr
+                ) from None
             if not line:
                 await self._process.wait()
                 raise RuntimeError(

@@ -30,7 +30,7 @@
 // on a loopback host> gets an RS256 JWT (typ at+jwt) whose aud is that URL, signed
 // by the key published at jwks_uri. Any other resource is invalid_target.
 
-import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { createPrivateKey, generateKeyPairSync, randomUUID } from 'node:crypto';
 import { createServer as createHttpServer } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 
@@ -43,7 +43,16 @@ const port = Number(process.argv[2] ?? process.env.PORT ?? 0);
 const LOOPBACK = new Set(['127.0.0.1', 'localhost', '[::1]']);
 
 // A fresh signing key per run; oidc-provider publishes its public half at /jwks.
-const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
+// Generated as PEM and exported to JWK from a key object of its own: exporting
+// the generated key object itself can deadlock Node 20 at startup (a garbage
+// collection during the export finalizes the key generation job, which locks
+// the key's mutex the export already holds).
+const { privateKey: privatePem } = generateKeyPairSync('rsa', {
+  modulusLength: 2048,
+  publicKeyEncoding: { type: 'spki', format: 'pem' },
+  privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+});
+const privateKey = createPrivateKey(privatePem);
 const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
 
 // The scopes each client may get at a resource server.
