@@ -20,7 +20,7 @@ from tokensvc.store import create_engine, migrate
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from replicas import TOKENSVC, run_tokensvc, tokensvc_env
-from support import Harness, create_pg_database, drop_pg_database, running_service
+from support import Harness, create_pg_database, drop_pg_database, running_service, sha
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -157,15 +157,22 @@ async def test_health_is_serving_then_not_serving_on_shutdown_and_calls_drain(
         health = health_pb2_grpc.HealthStub(h.channel)
         watch = health.Watch(health_pb2.HealthCheckRequest(service="tokensvc.v1.TokenService"))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        first = await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
         gate = asyncio.Event()
         auth.behaviour.gate = gate
-        in_flight = asyncio.ensure_future(h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha")))
-        await auth.wait_for_requests(1)
+        # Reporting the token rejected makes this call's own token request, so
+        # once that request arrives, the call is in progress in tokensvc.
+        report = pb.GetTokenRequest(
+            server_id="alpha", rejected_token_sha256=sha(first.access_token)
+        )
+        in_flight = asyncio.ensure_future(h.tokens.GetToken(report))
+        await auth.wait_for_requests(2)
         stopping = asyncio.ensure_future(h.service.stop(grace=30))
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()  # an open stream would hold the shutdown for the whole grace
         gate.set()
         token = await in_flight  # finished within the grace period
-        assert token.access_token == auth.issued[0]
+        assert token.access_token == auth.issued[1]
         await stopping
         with pytest.raises(grpc.aio.AioRpcError):
             await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"), timeout=2)
