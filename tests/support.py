@@ -35,6 +35,7 @@ from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
 from tokensvc.egress import Egress, UrlPolicy, is_loopback
+from tokensvc.egress.stream import AsyncioBackend
 from tokensvc.fallbacks import Fetch
 from tokensvc.manager import TokenManager
 from tokensvc.registration import Credential, CredentialKind, ServerSpec
@@ -214,7 +215,7 @@ class RecordingNetwork(httpcore2.AsyncNetworkBackend):
     verdict, not a wait of real seconds (see ``_StallableStream``)."""
 
     def __init__(self) -> None:
-        self._inner = httpcore2.AnyIOBackend()
+        self._inner = AsyncioBackend()
         self.connects: list[str] = []
         self.stalled = False
         self.stalled_reads = 0

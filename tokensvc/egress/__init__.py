@@ -9,6 +9,8 @@ through :meth:`Egress.transport`. Its modules, one job each:
   refused, ``egress_refuse`` and ``egress_allow``, plain http to loopback only);
 - backend.py: the network backend that resolves a host once per connection,
   checks every address and connects to a checked one (no DNS rebinding);
+- stream.py: the connections themselves, on asyncio's transports (an idle
+  connection knows from memory whether its server closed it);
 - pools.py: the transport, a connection pool per scheme and client
   certificate presented (RFC 8705), bounded and retired when trust changes;
 - limits.py: the response size cap, and no content encoding;

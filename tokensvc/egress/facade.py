@@ -23,6 +23,7 @@ from tokensvc.egress.backend import PinnedBackend
 from tokensvc.egress.limits import ResponseRefused, SizeLimited
 from tokensvc.egress.policy import UrlPolicy
 from tokensvc.egress.pools import Pinned
+from tokensvc.egress.stream import AsyncioBackend
 from tokensvc.errors import InvalidArgument
 from tokensvc.outbound_tls import OutboundTrust
 
@@ -71,7 +72,7 @@ class Egress:
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self.user_agent = user_agent
-        self._network = network or httpcore2.AnyIOBackend()
+        self._network = network or AsyncioBackend()
         self._transport = transport
         self._client: httpx2.AsyncClient | None = None
 
