@@ -202,7 +202,7 @@ async def test_concurrent_requests_with_certificates_evicting_each_other_get_the
                 for client, issued in clients
             )
         )
-        pinned = fetcher._client._transport._inner
+        pinned = fetcher._poster._transport._inner
         # Every evicted pool was closed once its last response was read.
         assert len(pinned._pools) == 1 and pinned._retired == []
     finally:

@@ -1,16 +1,18 @@
 """One token request: client credentials in, a :class:`Token` or a :class:`FetchError` out.
 
-This is the only module that imports authlib's client; its requests leave
-through tokensvc.egress like every other outbound request. authlib does
-the wire (form body, client authentication); everything it would decide on
-its own is taken back here, because its choices are wrong for us:
+This is the only module that imports authlib's client side. authlib makes
+the token request (RFC 6749's form body, the client authentication); the
+request leaves through tokensvc.egress like every other outbound request, sent
+straight to its transport (``egress.Poster``) rather than through authlib's
+httpx client, whose layers cost a third of a token request and decide things
+we decide here. What authlib would decide on its own is taken back:
 
-- It never refreshes on its own: ``fetch_token`` is called explicitly, under
-  the manager's policy (its auto-refresh drops ``resource``/``audience``).
+- Nothing refreshes on its own: a token request is made explicitly, under the
+  manager's policy (authlib's auto-refresh drops ``resource``/``audience``).
 - Its ``client_secret_basic`` skips RFC 6749 section 2.3.1's form-urlencoding of
   id and secret, so each request carries our own encoder.
 - Its response parsing treats a missing or zero ``expires_in`` as "forever" and
-  chokes on ``"3599.5"``, so the response is handed back unparsed and read here.
+  chokes on ``"3599.5"``, so the response is read here.
 
 Foreign exceptions are turned into ours at this one boundary, and every error
 is raised outside the ``except`` block that caught the cause: an httpx2 error
@@ -25,25 +27,19 @@ import base64
 import json
 import math
 import re
-from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
 from urllib.parse import quote, quote_plus, urlencode, urlsplit
 
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuth2ClientAuth
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.client import DEFAULT_HEADERS
+from authlib.oauth2.rfc6749.parameters import prepare_token_request
 
 from tokensvc import client_cert
 from tokensvc.assertions import AssertionDir, AssertionUnusable
-from tokensvc.egress import (
-    CLIENT_CERTIFICATE,
-    Egress,
-    HTTPError,
-    Request,
-    Response,
-    ResponseRefused,
-    failure_words,
-)
+from tokensvc.client_cert import ClientCertificate
+from tokensvc.egress import Egress, HTTPError, Response, ResponseRefused, failure_words
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -94,9 +90,9 @@ class TokenFetcher:
     """Obtains access tokens with the client_credentials grant (RFC 6749 section 4.4).
 
     One shared connection pool serves every server: the client id and secret
-    travel in a per-call auth object, never in client state, so concurrent
-    fetches for different servers cannot mix credentials. Cookies are never
-    stored, for the same reason.
+    travel in a per-call auth object, never in shared state, so concurrent
+    fetches for different servers cannot mix credentials. No cookie is kept,
+    for the same reason.
     """
 
     def __init__(
@@ -113,16 +109,16 @@ class TokenFetcher:
         self._timeout = self._egress.timeout
         self._default_lifetime = default_lifetime
         self._url_policy = self._egress.policy
+        self._poster = self._egress.poster()
         self._clock = clock
-        self._client = _Client(**self._egress.client_options())
         self._endpoints_checked: set[str] = set()
         self._masks: dict[tuple[str, str], tuple[str, ...]] = {}
 
     async def fetch(self, spec: ServerSpec, credential: Credential) -> Token:
         """One token request for ``spec`` (its token endpoint and auth method as
         resolved, see ``effective``); raises only :class:`FetchError` subclasses."""
-        auth, secret, grant = self._client_auth(spec, credential)
-        result = await self._send(spec, auth, grant)
+        auth, secret, grant, certificate = self._client_auth(spec, credential)
+        result = await self._send(spec, auth, grant, certificate)
         if isinstance(result, FetchError):
             raise result  # here, outside any except block: no __context__ to leak
         masks = self._masks_of(spec.client_id, secret)
@@ -146,9 +142,10 @@ class TokenFetcher:
 
     def _client_auth(
         self, spec: ServerSpec, credential: Credential
-    ) -> tuple[OAuth2ClientAuth, str, dict[str, str]]:
+    ) -> tuple[ClientAuth, str, dict[str, str], ClientCertificate | None]:
         """The client authentication for the request, the secret it carries
-        (to be masked in whatever comes back) and the grant's parameters."""
+        (to be masked in whatever comes back), the grant's parameters and the
+        client certificate to present, if any."""
         method = choose_auth_method(spec, credential.kind)
         fits = METHODS_OF_KIND[credential.kind]
         if spec.grant_type is GrantType.JWT_BEARER:
@@ -162,15 +159,16 @@ class TokenFetcher:
         if credential.kind is CredentialKind.CLIENT_CERTIFICATE:
             # RFC 8705 section 2: the TLS handshake authenticates the client;
             # the body names it. Nothing secret travels in the request.
-            return _CertificateAuth(spec, credential), "", grant
+            auth = ClientAuth(spec.client_id, None, auth_method=_body_auth())
+            return auth, "", grant, _certificate(spec, credential)
         if credential.kind is CredentialKind.ASSERTION_FILE:
             secret = self._platform_assertion(credential.value.reveal())
             if spec.grant_type is GrantType.JWT_BEARER:
                 grant["assertion"] = secret  # RFC 7523 section 2.1: the JWT is the grant
-                auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_body_auth())
-                return auth, secret, grant
-            auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
-            return auth, secret, grant
+                auth = ClientAuth(spec.client_id, None, auth_method=_body_auth())
+                return auth, secret, grant, None
+            auth = ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
+            return auth, secret, grant, None
         if method is AuthMethod.PRIVATE_KEY_JWT:
             audience = spec.issuer or spec.token_endpoint
             if spec.assertion_audience is AssertionAudience.TOKEN_ENDPOINT:
@@ -184,13 +182,13 @@ class TokenFetcher:
                 spec.signing_alg,
                 spec.key_id,
             )
-            auth = OAuth2ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
-            return auth, secret, grant
+            auth = ClientAuth(spec.client_id, None, auth_method=_assertion_auth(secret))
+            return auth, secret, grant, None
         secret = credential.value.reveal()
         encoder: object = _encode_client_secret_basic
         if method is AuthMethod.CLIENT_SECRET_POST:
             encoder = "client_secret_post"  # authlib's own form-encodes correctly
-        return OAuth2ClientAuth(spec.client_id, secret, auth_method=encoder), secret, grant
+        return ClientAuth(spec.client_id, secret, auth_method=encoder), secret, grant, None
 
     def _platform_assertion(self, name: str) -> str:
         """The platform's JWT from the assertion file, read now (it rotates)."""
@@ -201,24 +199,29 @@ class TokenFetcher:
         raise CredentialUnavailable(f"assertion file {why}; no token request was sent")
 
     async def _send(
-        self, spec: ServerSpec, auth: OAuth2ClientAuth, grant: dict[str, str]
+        self,
+        spec: ServerSpec,
+        auth: ClientAuth,
+        grant: dict[str, str],
+        certificate: ClientCertificate | None,
     ) -> Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
+        grant = dict(grant)
+        body = prepare_token_request(
+            grant.pop("grant_type"),
+            # Extra params go in the body as they are; authlib leaves out the
+            # empty ones of its own (scope, resource, audience).
+            urlencode(spec.extra_token_params),
+            scope=" ".join(spec.scopes),
+            resource=spec.effective_resource,
+            audience=spec.audience,
+            **grant,
+        )
+        url, headers, body = auth.prepare("POST", spec.token_endpoint, dict(DEFAULT_HEADERS), body)
         try:
             async with asyncio.timeout(self._timeout):
-                self._check_endpoint(spec.token_endpoint)
-                response: Response = await self._client.fetch_token(
-                    spec.token_endpoint,
-                    auth=auth,
-                    **grant,
-                    # Extra params go in the body, never as keyword arguments,
-                    # which authlib would take for its own (verify=, proxy=...).
-                    body=urlencode(spec.extra_token_params),
-                    scope=" ".join(spec.scopes),
-                    resource=spec.effective_resource,
-                    audience=spec.audience,
-                )
-                return response
+                self._check_endpoint(url)
+                return await self._poster.post(url, headers, body, certificate)
         except HostNotResolved:
             return _unreachable("its host name does not resolve")
         except InvalidArgument as exc:
@@ -234,41 +237,27 @@ class TokenFetcher:
             return _unreachable(f"unexpected {type(exc).__name__}")
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._poster.aclose()
         if self._own_egress:
             await self._egress.aclose()
 
 
-class _CertificateAuth(OAuth2ClientAuth):  # type: ignore[misc]  # authlib is untyped
-    """``client_id`` in the body, and the client certificate handed to the
-    transport (egress keeps a connection pool per certificate)."""
-
-    def __init__(self, spec: ServerSpec, credential: Credential) -> None:
-        if urlsplit(spec.token_endpoint).scheme != "https":
-            raise TokenRequestRejected(
-                "token request not sent: server.token_endpoint is not https, and a client "
-                "certificate is presented only in a TLS handshake (RFC 8705)"
-            )
-        try:
-            self.certificate = client_cert.parse(credential.value.reveal())
-        except InvalidArgument as exc:
-            why = exc.message.removeprefix(f"{exc.field}: ")
-            raise CredentialsRejected(
-                f"the client certificate {why}; register a renewed certificate and key "
-                "(no token request was sent)"
-            ) from None
-        super().__init__(spec.client_id, None, auth_method=_body_auth())
-
-    def auth_flow(self, request: Request) -> Generator[Request, Response, None]:
-        request.extensions = {**request.extensions, CLIENT_CERTIFICATE: self.certificate}
-        yield from super().auth_flow(request)
-
-
-class _Client(AsyncOAuth2Client):  # type: ignore[misc]  # authlib is untyped
-    def parse_response_token(self, resp: Response) -> Response:
-        # Hand the response back untouched; _read_response parses it. (authlib
-        # would also store it in self.token, shared state we do not want.)
-        return resp
+def _certificate(spec: ServerSpec, credential: Credential) -> ClientCertificate:
+    """The client certificate to present (RFC 8705): the TLS handshake
+    authenticates the client, so the endpoint must be https."""
+    if urlsplit(spec.token_endpoint).scheme != "https":
+        raise TokenRequestRejected(
+            "token request not sent: server.token_endpoint is not https, and a client "
+            "certificate is presented only in a TLS handshake (RFC 8705)"
+        )
+    try:
+        return client_cert.parse(credential.value.reveal())
+    except InvalidArgument as exc:
+        why = exc.message.removeprefix(f"{exc.field}: ")
+    raise CredentialsRejected(
+        f"the client certificate {why}; register a renewed certificate and key "
+        "(no token request was sent)"
+    )
 
 
 def _body_auth(**params: str) -> Any:
@@ -282,9 +271,7 @@ def _body_auth(**params: str) -> Any:
         extra = urlencode([(key, value) for key, value in fields.items() if value])
         if isinstance(body, bytes):
             body = body.decode()
-        body = f"{body}&{extra}" if body else extra
-        headers["Content-Length"] = str(len(body))
-        return uri, headers, body
+        return uri, headers, f"{body}&{extra}" if body else extra
 
     return encode
 
