@@ -3,6 +3,7 @@ the policy's arithmetic, then the manager against a real authorization server.""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,8 @@ from tokensvc.policy import MIN_REFRESH_INTERVAL, RefreshPolicy
 from tokensvc.registration import Credential, CredentialKind, ServerSpec
 from tokensvc.registry import Registry
 from tokensvc.store import Store, create_engine, migrate
-from tokensvc.token import Secret
+from tokensvc.scheduler import Scheduler
+from tokensvc.token import Secret, utcnow
 
 from support import CLIENT_ID, SECRET, FakeClock, RecordingNetwork
 
@@ -80,6 +82,33 @@ def test_transient_backoff_is_full_jitter_under_a_cap_and_honours_retry_after() 
         assert max(delays) > ceiling * 0.8  # it does use the range
     slow_down = AuthorizationServerUnavailable("429", retry_after=120)
     assert policy.retry_in(slow_down, 1, rng) >= timedelta(seconds=120)
+
+
+async def test_the_scheduler_sleeps_through_later_times_and_wakes_for_an_earlier_one() -> None:
+    """The loop sleeps until the earliest due time; a later schedule (every
+    refresh makes one) leaves it asleep, an earlier one wakes it at once."""
+    ran: list[str] = []
+    woke = asyncio.Event()
+
+    async def run(key: str) -> None:
+        ran.append(key)
+        woke.set()
+
+    scheduler = Scheduler(run, utcnow)
+    scheduler.start()
+    try:
+        now = utcnow()
+        scheduler.schedule("in-an-hour", now + timedelta(hours=1))
+        await asyncio.sleep(0)  # the loop is now asleep until then
+        scheduler.schedule("in-two-hours", now + timedelta(hours=2))
+        assert not scheduler._wake.is_set()  # a later time does not wake it
+        scheduler.schedule("in-an-hour", now)  # moved earlier: wakes it
+        async with asyncio.timeout(30):
+            await woke.wait()
+        assert ran == ["in-an-hour"]
+        assert scheduler.due_at("in-two-hours") == now + timedelta(hours=2)
+    finally:
+        await scheduler.stop()
 
 
 def test_a_refused_credential_waits_much_longer_and_never_retries_at_once() -> None:

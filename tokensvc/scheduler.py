@@ -39,11 +39,14 @@ class Scheduler:
         self._limit = asyncio.Semaphore(concurrency)
         self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        # What the loop sleeps until (None: no due time); only an earlier one wakes it.
+        self._sleeping_until: datetime | None = None
 
     def schedule(self, key: str, when: datetime) -> None:
         self._due[key] = when
         heapq.heappush(self._heap, (when, next(self._counter), key))
-        self._wake.set()
+        if self._sleeping_until is None or when < self._sleeping_until:
+            self._wake.set()
 
     def cancel(self, key: str) -> None:
         self._due.pop(key, None)  # its heap entry is skipped when it surfaces
@@ -96,7 +99,7 @@ class Scheduler:
             self._wake.clear()
             for key, due in self._pop_due():
                 self._spawn(key, due)
-            when = self._next()
+            when = self._sleeping_until = self._next()
             timeout = None if when is None else max(0.0, (when - self._clock()).total_seconds())
             # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a
             # cancellation that lands as the event is set (every schedule sets

@@ -95,21 +95,36 @@ class TransactionThread:
         return await future
 
     def _serve(self) -> None:
+        # One connection for every transaction: a checkout from the pool and
+        # its reset on return cost more than the refresh path's statements.
+        conn: Connection | None = None
         while (item := self._queue.get()) is not None:
             work, future = item
             try:
-                with _faults(), self._engine.begin() as conn:
-                    result, error = work(conn), None
+                with _faults():
+                    conn = conn or self._engine.connect()
+                    with conn.begin():
+                        result, error = work(conn), None
             except BaseException as exc:  # handed to the caller, whatever it is
                 result, error = None, exc
+                _discarded(conn)  # whatever failed, the next one starts afresh
+                conn = None
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+        _discarded(conn)
 
     async def close(self) -> None:
         """Finishes (and commits) the work handed in before, then stops."""
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._engine.dispose()
+
+
+def _discarded(conn: Connection | None) -> None:
+    """Closes ``conn``; a connection a fault broke may fail to, harmlessly."""
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
