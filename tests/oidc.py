@@ -27,28 +27,22 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, Self
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeyParameters, RSAKey
 
+from support import unavailable
+
 INTEROP = Path(__file__).parent / "interop"
-REQUIRE = os.environ.get("TOKENSVC_TEST_REQUIRE_INTEROP") == "1"
 NPM_CI_TIMEOUT = 300.0  # seconds
 START_TIMEOUT = 30.0  # seconds for node to print its "listening" line
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 _installed = False  # npm ci ran (or was not needed) in this session
-
-
-def _unavailable(reason: str) -> NoReturn:
-    if REQUIRE:
-        pytest.fail(f"{reason} (TOKENSVC_TEST_REQUIRE_INTEROP=1)")
-    pytest.skip(reason)
 
 
 # --- clients -------------------------------------------------------------------
@@ -226,7 +220,9 @@ class OidcProvider:
     async def __aenter__(self) -> Self:
         node = shutil.which("node")
         if node is None:
-            _unavailable("node is not installed: the oidc-provider interop tests need Node 20+")
+            unavailable(
+                "INTEROP", "node is not installed: the oidc-provider interop tests need Node 20+"
+            )
         await ensure_installed()
         started = time.monotonic()
         self._process = await asyncio.create_subprocess_exec(
@@ -326,7 +322,7 @@ async def ensure_installed() -> None:
         return
     npm = shutil.which("npm")
     if npm is None:
-        _unavailable("npm is not installed, and tests/interop/node_modules is missing")
+        unavailable("INTEROP", "npm is not installed, and tests/interop/node_modules is missing")
     # One install at a time across processes (parallel pytest workers, say).
     lock_path = Path(tempfile.gettempdir()) / f"tokensvc-npm-ci-{os.getuid()}.lock"
     with lock_path.open("w") as lock:
@@ -355,7 +351,9 @@ async def _npm_ci(npm: str) -> None:
     except TimeoutError:
         process.kill()
         await process.wait()
-        _unavailable(f"npm ci --prefix tests/interop took over {NPM_CI_TIMEOUT:g} s")
+        unavailable("INTEROP", f"npm ci --prefix tests/interop took over {NPM_CI_TIMEOUT:g} s")
     if process.returncode != 0:
         tail = output.decode(errors="replace")[-2000:]
-        _unavailable(f"npm ci --prefix tests/interop failed ({process.returncode}):\n{tail}")
+        unavailable(
+            "INTEROP", f"npm ci --prefix tests/interop failed ({process.returncode}):\n{tail}"
+        )

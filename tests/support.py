@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote, quote_plus
 
 import asyncpg
@@ -49,16 +49,23 @@ from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 PG_DSN = os.environ.get("TOKENSVC_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-REQUIRE_PG = os.environ.get("TOKENSVC_TEST_REQUIRE_PG") == "1"
+
+
+def unavailable(part: str, reason: str) -> NoReturn:
+    """Skips the test for want of ``part`` (PG, INTEROP, ENVOY, IMAGE), or fails
+    it where TOKENSVC_TEST_REQUIRE_<part>=1 says it can run (CI sets them)."""
+    variable = f"TOKENSVC_TEST_REQUIRE_{part}"
+    if os.environ.get(variable) == "1":
+        pytest.fail(f"{reason} ({variable}=1)")
+    pytest.skip(reason)
 
 
 async def _pg_admin() -> asyncpg.Connection:
     try:
         return await asyncpg.connect(PG_DSN, timeout=5)
     except (OSError, asyncpg.PostgresError) as exc:
-        if REQUIRE_PG:
-            raise
-        pytest.skip(f"PostgreSQL not reachable at {PG_DSN} ({exc}); CI starts it")
+        why = f"PostgreSQL not reachable at {PG_DSN} ({exc}); CI starts it"
+    unavailable("PG", why)
 
 
 async def create_pg_database() -> str:

@@ -29,22 +29,15 @@ from tokensvc.demo.authserver import AuthServer
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
-from support import CLIENT_ID, SECRET, sample, scrape
+from support import CLIENT_ID, SECRET, sample, scrape, unavailable
 
 pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRE = os.environ.get("TOKENSVC_TEST_REQUIRE_IMAGE") == "1"
 BASE_IMAGE = os.environ.get("TOKENSVC_BASE_IMAGE", "localhost/tokensvc-base:bookworm")
 IMAGE = "localhost/tokensvc:test"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 ENV = {**os.environ, "CONTAINERS_CONF": str(ROOT / "tests/image/containers.conf")}
-
-
-def unavailable(reason: str) -> None:
-    if REQUIRE:
-        pytest.fail(f"{reason} (TOKENSVC_TEST_REQUIRE_IMAGE=1)")
-    pytest.skip(reason)
 
 
 def podman_sync(*args: str) -> subprocess.CompletedProcess[str]:
@@ -56,11 +49,13 @@ def podman_sync(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def image() -> Iterator[str]:
     if shutil.which("podman") is None:
-        unavailable("podman is not installed here; `make image-test` installs it")
+        unavailable("IMAGE", "podman is not installed here; `make image-test` installs it")
     if (info := podman_sync("info")).returncode != 0:
-        unavailable(f"podman cannot run here: {info.stderr.strip()[-300:]}")
+        unavailable("IMAGE", f"podman cannot run here: {info.stderr.strip()[-300:]}")
     if podman_sync("image", "exists", BASE_IMAGE).returncode != 0:
-        unavailable(f"no base image {BASE_IMAGE}: run tests/image/prepare (make image-test)")
+        unavailable(
+            "IMAGE", f"no base image {BASE_IMAGE}: run tests/image/prepare (make image-test)"
+        )
     trust = (
         ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro", "--build-arg", f"PIP_CERT={CA_BUNDLE}"]
         if CA_BUNDLE.is_file()

@@ -26,8 +26,8 @@ from tokensvc.oauth import TokenFetcher
 from tokensvc.policy import MIN_REFRESH_INTERVAL, RefreshPolicy
 from tokensvc.registration import Credential, CredentialKind, ServerSpec
 from tokensvc.registry import Registry
-from tokensvc.store import Store, create_engine, migrate
 from tokensvc.scheduler import Scheduler
+from tokensvc.store import Store, create_engine, migrate
 from tokensvc.token import Secret, utcnow
 
 from support import CLIENT_ID, SECRET, FakeClock, RecordingNetwork
