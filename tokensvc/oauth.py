@@ -206,19 +206,20 @@ class TokenFetcher:
         certificate: ClientCertificate | None,
     ) -> Response | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
-        grant = dict(grant)
-        body = prepare_token_request(
-            grant.pop("grant_type"),
-            # Extra params go in the body as they are; authlib leaves out the
-            # empty ones of its own (scope, resource, audience).
-            urlencode(spec.extra_token_params),
-            scope=" ".join(spec.scopes),
-            resource=spec.effective_resource,
-            audience=spec.audience,
-            **grant,
-        )
-        url, headers, body = auth.prepare("POST", spec.token_endpoint, dict(DEFAULT_HEADERS), body)
         try:
+            body = prepare_token_request(
+                grant.pop("grant_type"),
+                # Extra params go in the body as they are; authlib leaves out the
+                # empty ones of its own (scope, resource, audience).
+                urlencode(spec.extra_token_params),
+                scope=" ".join(spec.scopes),
+                resource=spec.effective_resource,
+                audience=spec.audience,
+                **grant,
+            )
+            url, headers, body = auth.prepare(
+                "POST", spec.token_endpoint, dict(DEFAULT_HEADERS), body
+            )
             async with asyncio.timeout(self._timeout):
                 self._check_endpoint(url)
                 return await self._poster.post(url, headers, body, certificate)
