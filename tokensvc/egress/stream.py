@@ -73,6 +73,22 @@ class _Protocol(asyncio.Protocol):
             self.waiter.set_result(None)
 
 
+async def _until(
+    name: str, protocol: _Protocol, seconds: float | None, timed_out: Exception
+) -> None:
+    """Waits for the protocol to settle its future ``name`` (new data, or
+    room to write), at most ``seconds``; then raises ``timed_out``."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    setattr(protocol, name, future)
+    try:
+        async with asyncio.timeout(seconds):
+            await future
+    except TimeoutError:
+        raise timed_out from None
+    finally:
+        setattr(protocol, name, None)
+
+
 class AsyncioStream(httpcore2.AsyncNetworkStream):
     def __init__(self, protocol: _Protocol) -> None:
         self._protocol = protocol
@@ -80,14 +96,7 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
         protocol = self._protocol
         if not protocol.buffer and not protocol.ended:
-            protocol.waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await protocol.waiter
-            except TimeoutError:
-                raise httpcore2.ReadTimeout("no data within the timeout") from None
-            finally:
-                protocol.waiter = None
+            await _until("waiter", protocol, timeout, httpcore2.ReadTimeout("no data in time"))
         if protocol.buffer:
             data = bytes(protocol.buffer[:max_bytes])
             del protocol.buffer[:max_bytes]
@@ -109,14 +118,8 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
             raise httpcore2.WriteError("the connection is closed")
         transport.write(buffer)
         if protocol.writing_paused:
-            protocol.drained = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(timeout):
-                    await protocol.drained
-            except TimeoutError:
-                raise httpcore2.WriteTimeout("could not write within the timeout") from None
-            finally:
-                protocol.drained = None
+            timed_out = httpcore2.WriteTimeout("could not write in time")
+            await _until("drained", protocol, timeout, timed_out)
             if protocol.error is not None:
                 raise httpcore2.WriteError(str(protocol.error)) from protocol.error
 
@@ -161,7 +164,8 @@ class AsyncioStream(httpcore2.AsyncNetworkStream):
 
 
 class AsyncioBackend(httpcore2.AsyncNetworkBackend):
-    """Connects to an address (egress's PinnedBackend hands it a checked IP)."""
+    """Connects to an address: egress's PinnedBackend hands it a checked IP
+    (and refuses unix sockets itself)."""
 
     async def connect_tcp(
         self,
@@ -184,14 +188,6 @@ class AsyncioBackend(httpcore2.AsyncNetworkBackend):
         for option in socket_options or ():
             transport.get_extra_info("socket").setsockopt(*option)
         return AsyncioStream(protocol)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (httpcore2 signature)
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore2.AsyncNetworkStream:
-        raise httpcore2.ConnectError("unix sockets are not used for egress")
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
