@@ -376,7 +376,7 @@ async def first_keys(
 def callers_of(store: Store) -> Callers:
     """The callers use case on this store, built as the CLI builds it (no
     service to reload: one that serves this store learns of changes from it)."""
-    return Callers(AccessStore(store.engine), store)
+    return Callers(AccessStore(store.transactions), store)
 
 
 async def bootstrap(data_dir: Path, *callers: dict[str, Any]) -> list[tuple[CallerRecord, str]]:

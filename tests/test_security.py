@@ -518,7 +518,7 @@ class CallContext:
 async def test_a_key_is_remembered_per_connection_until_a_revocation_reloads_the_callers(
     store: Store,
 ) -> None:
-    access = AccessStore(store.engine)
+    access = AccessStore(store.transactions)
     authenticator = Authenticator(access, open_allowed=False)
     callers = Callers(access, store, reload=authenticator.load)
     record, key = await callers.create(actor="t", name="b", roles=["broker"], patterns=["a*"])
@@ -785,7 +785,7 @@ async def test_while_the_database_is_down_the_audit_queue_is_bounded_and_the_gap
             await super().write_audit(entries)
 
     monkeypatch.setattr(tokensvc.audit, "MAX_PENDING", 50)
-    access = Outage(store.engine)
+    access = Outage(store.transactions)
     audit = AuditLog(access, Authenticator(access, open_allowed=True), timedelta(days=1))
     for i in range(80):
         audit.record("key:broker@test", "issue", "alpha", version=i)

@@ -198,7 +198,7 @@ async def _create_caller(settings: Settings, args: argparse.Namespace) -> None:
             os.close(lock)
     store = await open_store(settings, keyring_for(settings))
     try:
-        record, key = await Callers(AccessStore(store.engine), store).create(
+        record, key = await Callers(AccessStore(store.transactions), store).create(
             actor="cli:create-caller",
             name=args.name,
             roles=args.roles,

@@ -192,7 +192,7 @@ class Service:
                 raise ConfigurationError(
                     f"cannot listen on metrics_listen {settings.metrics_listen}: {exc.strerror}"
                 ) from None
-        access = AccessStore(self.store.engine)
+        access = AccessStore(self.store.transactions)
         certs = settings.tls_client_ca is not None  # else no call can present one
         self.auth = Authenticator(
             access, open_allowed=settings.listens_on_loopback, clock=self.clock, certificates=certs

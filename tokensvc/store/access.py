@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.errors import InvalidArgument, LastAdmin
 from tokensvc.store.records import audit_row
-from tokensvc.store.rows import transaction
 from tokensvc.store.tables import audit_events, callers
+from tokensvc.store.transactions import Transactions
+
+# Audit rows deleted per transaction by purge_audit.
+PURGE_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,47 +73,47 @@ def _caller(row: Row[Any]) -> CallerRecord:
 
 
 class AccessStore:
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    """Callers and the audit trail, in the transactions of the server store
+    (``Rows.transactions``)."""
+
+    def __init__(self, transactions: Transactions) -> None:
+        self._run = transactions.run
 
     async def create_caller(self, record: CallerRecord) -> None:
+        statement = insert(callers).values(
+            id=record.id,
+            name=record.name,
+            kind=record.kind,
+            identity=record.identity,
+            key_hash=record.key_hash,
+            roles=json.dumps(list(record.roles)),
+            server_patterns=json.dumps(list(record.server_patterns)),
+            create_time=record.create_time,
+        )
         try:
-            async with transaction(self.engine) as conn:
-                await conn.execute(
-                    insert(callers).values(
-                        id=record.id,
-                        name=record.name,
-                        kind=record.kind,
-                        identity=record.identity,
-                        key_hash=record.key_hash,
-                        roles=json.dumps(list(record.roles)),
-                        server_patterns=json.dumps(list(record.server_patterns)),
-                        create_time=record.create_time,
-                    )
-                )
+            await self._run(lambda conn: conn.execute(statement))
         except IntegrityError:
             raise InvalidArgument(
                 "name", f"a caller named {record.name!r} exists already: choose another name"
             ) from None
 
     async def list_callers(self) -> list[CallerRecord]:
-        async with transaction(self.engine) as conn:
-            rows = (await conn.execute(select(callers).order_by(callers.c.create_time))).all()
+        query = select(callers).order_by(callers.c.create_time)
+        rows = await self._run(lambda conn: conn.execute(query).all())
         return [_caller(row) for row in rows]
 
     async def revoke_caller(self, caller_id: str, now: datetime) -> CallerRecord | None:
         """Revokes a caller, unless it is the last admin (LastAdmin). Rows are
         never deleted: a revoked caller stays the record that callers existed,
         which keeps open mode from ever coming back."""
-        async with transaction(self.engine) as conn:
+
+        def work(conn: Connection) -> Row[Any] | None:
             # Locked (SQLite: the write transaction), so that two admins
             # revoking each other at once cannot both succeed.
-            active = (
-                await conn.execute(
-                    select(callers.c.id, callers.c.name, callers.c.roles)
-                    .where(callers.c.revoke_time.is_(None))
-                    .with_for_update()
-                )
+            active = conn.execute(
+                select(callers.c.id, callers.c.name, callers.c.roles)
+                .where(callers.c.revoke_time.is_(None))
+                .with_for_update()
             ).all()
             admins = {row.id: row.name for row in active if "admin" in json.loads(row.roles)}
             if caller_id in admins and len(admins) == 1:
@@ -120,27 +123,30 @@ class AccessStore:
                     "Create another admin first (CreateCaller, or tokensvc create-caller on "
                     "the host), then revoke this one"
                 )
-            await conn.execute(
+            conn.execute(
                 update(callers)
                 .where(callers.c.id == caller_id, callers.c.revoke_time.is_(None))
                 .values(revoke_time=now)
             )
-            row = (await conn.execute(select(callers).where(callers.c.id == caller_id))).first()
+            return conn.execute(select(callers).where(callers.c.id == caller_id)).first()
+
+        row = await self._run(work)
         return _caller(row) if row is not None else None
 
     async def touch(self, used: dict[str, datetime]) -> None:
-        async with transaction(self.engine) as conn:
+        def work(conn: Connection) -> None:
             for caller_id, when in used.items():
-                await conn.execute(
+                conn.execute(
                     update(callers).where(callers.c.id == caller_id).values(last_used_time=when)
                 )
+
+        await self._run(work)
 
     async def write_audit(self, entries: list[AuditEntry]) -> None:
         if not entries:
             return
         rows = [audit_row(e.time, e.actor, e.action, e.server_id, e.detail) for e in entries]
-        async with transaction(self.engine) as conn:
-            await conn.execute(insert(audit_events), rows)
+        await self._run(lambda conn: conn.execute(insert(audit_events), rows))
 
     async def list_audit(
         self,
@@ -164,8 +170,7 @@ class AccessStore:
             query = query.where(audit_events.c.time < end)
         if before_id:
             query = query.where(audit_events.c.id < before_id)
-        async with transaction(self.engine) as conn:
-            rows = (await conn.execute(query)).all()
+        rows = await self._run(lambda conn: conn.execute(query).all())
         return [
             AuditEvent(
                 row.id,
@@ -180,8 +185,19 @@ class AccessStore:
         ]
 
     async def purge_audit(self, older_than: timedelta, now: datetime) -> int:
-        async with transaction(self.engine) as conn:
-            result = await conn.execute(
-                delete(audit_events).where(audit_events.c.time < now - older_than)
-            )
-        return int(result.rowcount)
+        """Deletes audit rows older than ``older_than``, PURGE_BATCH at a time,
+        each batch a transaction of its own: on SQLite a transaction holds the
+        event loop, so none may be long."""
+        cutoff = now - older_than
+        oldest = (
+            select(audit_events.c.id)
+            .where(audit_events.c.time < cutoff)
+            .order_by(audit_events.c.id)
+            .limit(PURGE_BATCH)
+        )
+        statement = delete(audit_events).where(audit_events.c.id.in_(oldest.scalar_subquery()))
+        removed = 0
+        while count := await self._run(lambda conn: int(conn.execute(statement).rowcount)):
+            removed += count
+            await asyncio.sleep(0)  # what else is waiting runs between batches
+        return removed

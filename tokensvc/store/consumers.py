@@ -10,8 +10,8 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.sds import Consumer, Node
-from tokensvc.store.rows import transaction
 from tokensvc.store.tables import sds_consumers as table
+from tokensvc.store.transactions import transaction
 
 Change = tuple[str, str, Consumer | None]  # stream id, server id, consumer (None: gone)
 

@@ -10,8 +10,8 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tokensvc.store.rows import transaction
 from tokensvc.store.tables import replicas as table
+from tokensvc.store.transactions import transaction
 
 # Rows of replicas gone without a word (SIGKILL, a lost host) are purged after this.
 PURGE_AFTER = timedelta(hours=1)

@@ -1,5 +1,5 @@
-"""The plumbing every store method shares: transactions that turn database
-faults into StoreUnavailable, announcements to the other replicas, the advisory
+"""The plumbing every store method shares: its transactions (transactions.py),
+announcements to the other replicas, the advisory
 lock around a token request, audit rows, and the encrypted columns.
 
 Encryption happens here and only here: the database sees AES-GCM envelopes whose
@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
-import queue
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import insert, text
-from sqlalchemy.engine import Connection, Engine, Row
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tokensvc.crypto import KeyRing, associated_data
-from tokensvc.errors import DecryptionError, StoreUnavailable
+from tokensvc.errors import DecryptionError
 from tokensvc.registration import Credential, CredentialKind
-from tokensvc.store.engine import PG_REFRESH_LOCKS, sqlite_twin
+from tokensvc.store.engine import PG_REFRESH_LOCKS
 from tokensvc.store.notify import CHANNEL, Change, ChangeKind
 from tokensvc.store.records import audit_row
 from tokensvc.store.tables import audit_events
+from tokensvc.store.transactions import Transactions, Work, transaction
 from tokensvc.token import Clock, Secret, ServerToken, Token, utcnow
 
 # The first key of tokensvc's advisory locks (the second is the server id's hash).
@@ -40,100 +37,9 @@ LOCK_SPACE = 0x746B73  # "tks"
 MAX_SEALED = 6000
 
 T = TypeVar("T")
-# One transaction's work, on a synchronous connection (see Rows._run).
-Work = Callable[[Connection], T]
-
-
-@contextmanager
-def _faults() -> Iterator[None]:
-    """Database faults become StoreUnavailable."""
-    try:
-        yield
-    except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
-        raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
-    except DBAPIError as exc:
-        if exc.connection_invalidated or _unavailable(exc):
-            raise StoreUnavailable("the database connection was lost") from None
-        raise
-
-
-@asynccontextmanager
-async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One transaction; database faults become StoreUnavailable."""
-    with _faults():
-        async with engine.begin() as conn:
-            yield conn
-
 
 NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 AUDIT = insert(audit_events)
-
-
-def _unavailable(exc: DBAPIError) -> bool:
-    """SQLSTATE classes that mean "not now" rather than "wrong": connection
-    exceptions (08), shutting down or starting up (57P), out of resources (53)."""
-    state = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
-    return state.startswith(("08", "57P", "53"))
-
-
-class TransactionThread:
-    """One thread running transactions on a synchronous engine, in the order
-    handed in (SQLite writes one at a time anyway). Leaner than an executor:
-    a queue in, the loop's own wake-up out."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._queue: queue.SimpleQueue[tuple[Work[Any], asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._serve, name="tokensvc-sqlite", daemon=True)
-        self._thread.start()
-
-    async def run(self, work: Work[T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put((work, future))
-        return await future
-
-    def _serve(self) -> None:
-        # One connection for every transaction: a checkout from the pool and
-        # its reset on return cost more than the refresh path's statements.
-        conn: Connection | None = None
-        while (item := self._queue.get()) is not None:
-            work, future = item
-            try:
-                with _faults():
-                    conn = conn or self._engine.connect()
-                    with conn.begin():
-                        result, error = work(conn), None
-            except BaseException as exc:  # handed to the caller, whatever it is
-                result, error = None, exc
-                _discarded(conn)  # whatever failed, the next one starts afresh
-                conn = None
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
-        _discarded(conn)
-
-    async def close(self) -> None:
-        """Finishes (and commits) the work handed in before, then stops."""
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        self._engine.dispose()
-
-
-def _discarded(conn: Connection | None) -> None:
-    """Closes ``conn``; a connection a fault broke may fail to, harmlessly."""
-    if conn is not None:
-        with contextlib.suppress(Exception):
-            conn.close()
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 class Rows:
@@ -153,30 +59,19 @@ class Rows:
         self.origin = origin
         self.shared = engine.dialect.name == "postgresql"
         self._lock_slots = asyncio.Semaphore(PG_REFRESH_LOCKS)
-        twin = sqlite_twin(engine)
-        self._thread = TransactionThread(twin) if twin is not None else None
+        # Every transaction of the store, and of the stores that share it
+        # (AccessStore), runs through this one (see transactions.py).
+        self.transactions = Transactions(engine)
 
     async def close(self) -> None:
-        if self._thread is not None:
-            await self._thread.close()
-        await self.engine.dispose()
-
-    def _tx(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        return transaction(self.engine)
+        await self.transactions.close()
 
     async def _run(self, work: Work[T]) -> T:
-        """``work`` as one transaction on a synchronous connection: on a SQLite
-        file in the store's thread, in one hop (the whole transaction costs
-        less than aiosqlite's hops for one statement); on PostgreSQL on an
-        asyncpg connection, through SQLAlchemy's greenlet bridge."""
-        if self._thread is None:
-            async with self._tx() as conn:
-                return await conn.run_sync(work)
-        return await self._thread.run(work)
+        """``work`` as one transaction on a synchronous connection."""
+        return await self.transactions.run(work)
 
     async def ping(self) -> None:
-        async with self._tx() as conn:
-            await conn.execute(text("SELECT 1"))
+        await self._run(lambda conn: conn.execute(text("SELECT 1")))
 
     def _announce(
         self,
@@ -216,7 +111,7 @@ class Rows:
         if not self.shared:
             yield
             return
-        async with self._lock_slots, self._tx() as conn:
+        async with self._lock_slots, transaction(self.engine) as conn:
             await conn.execute(
                 text("SELECT pg_advisory_xact_lock(:space, hashtext(:id))"),
                 {"space": LOCK_SPACE, "id": server_id},
