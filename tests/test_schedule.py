@@ -111,6 +111,30 @@ async def test_the_scheduler_sleeps_through_later_times_and_wakes_for_an_earlier
         await scheduler.stop()
 
 
+async def test_one_wake_up_runs_the_keys_due_within_the_gather_window_and_no_later_one() -> None:
+    now = utcnow()
+    ran: list[str] = []
+    two = asyncio.Event()
+
+    async def run(key: str) -> None:
+        ran.append(key)
+        if len(ran) == 2:
+            two.set()
+
+    scheduler = Scheduler(run, lambda: now, gather=timedelta(seconds=1))
+    scheduler.schedule("due", now)
+    scheduler.schedule("in-half-a-second", now + timedelta(milliseconds=500))
+    scheduler.schedule("in-an-hour", now + timedelta(hours=1))
+    scheduler.start()
+    try:
+        async with asyncio.timeout(30):
+            await two.wait()  # both in the first wake-up: the clock never moves
+        assert sorted(ran) == ["due", "in-half-a-second"]
+        assert scheduler.due_at("in-an-hour") == now + timedelta(hours=1)
+    finally:
+        await scheduler.stop()
+
+
 def test_a_refused_credential_waits_much_longer_and_never_retries_at_once() -> None:
     policy = RefreshPolicy()
     rng = random.Random(5)
