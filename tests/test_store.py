@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import select, update
@@ -221,6 +222,26 @@ async def test_secrets_and_tokens_are_stored_only_as_ciphertext(store: Store) ->
     assert b"plain-secret-xyz" not in dump and b"plain-token-xyz" not in dump
 
 
+async def test_a_new_server_s_first_token_request_reads_what_its_registration_wrote(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One process writes a SQLite database: the registration's row is kept for
+    the first token request. PostgreSQL replicas read it."""
+    record = (await store.register(spec("alpha"), secret("a-secret"))).record
+    transactions: list[object] = []
+    run = store.transactions.run
+
+    async def counted(work: Any) -> Any:
+        transactions.append(work)
+        return await run(work)
+
+    monkeypatch.setattr(store.transactions, "run", counted)
+    context = await store.load_for_fetch("alpha")
+    assert context.record == record and context.credential.value.reveal() == "a-secret"
+    assert context.token is None and context.previous is None
+    assert len(transactions) == (1 if store.shared else 0)
+
+
 async def test_a_credential_moved_to_another_row_fails_to_decrypt(store: Store) -> None:
     await store.register(spec("alpha"), secret("a-secret"))
     await store.register(spec("beta"), secret("b-secret"))
@@ -231,6 +252,9 @@ async def test_a_credential_moved_to_another_row_fails_to_decrypt(store: Store) 
         await conn.execute(
             update(servers).where(servers.c.id == "beta").values(credential_ct=alpha_ct)
         )
+    store._contexts.forget(
+        "beta"
+    )  # what it kept from the registration: read the row, as after a restart
     with pytest.raises(DecryptionError):
         await store.load_for_fetch("beta")
 

@@ -52,14 +52,15 @@ def sqlite_twin(engine: AsyncEngine) -> Engine | None:
     twin = sqlalchemy.create_engine(
         url.set(drivername="sqlite+pysqlite"), connect_args={"timeout": 30}
     )
-    _configure_sqlite(twin)
+    _configure_sqlite(twin, begin=False)  # transactions.InlineSQLite begins its own
     return twin
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, begin: bool = True) -> None:
     # pysqlite's deferred BEGIN lets two writers read the same row and both
     # write, one silently losing. Take the write lock when a transaction
-    # begins (BEGIN IMMEDIATE) and let SQLAlchemy, not the driver, begin them.
+    # begins (BEGIN IMMEDIATE) and let SQLAlchemy, not the driver, begin them
+    # (or, with ``begin`` False, whoever runs the transactions).
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None
@@ -72,6 +73,9 @@ def _configure_sqlite(engine: Engine) -> None:
         ):
             cursor.execute(pragma)
         cursor.close()
+
+    if not begin:
+        return
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:

@@ -67,6 +67,7 @@ class Registration:
     record: ServerRecord
     revised: bool  # the revision moved: tokens fetched before are void
     changed: bool  # anything changed (revised, or only refresh_fraction)
+    created: bool = False  # a new server
 
 
 @dataclass(frozen=True, slots=True)

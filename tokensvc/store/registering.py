@@ -10,7 +10,7 @@ import hmac
 import secrets
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, literal_column, select, update
 from sqlalchemy.engine import Connection, Row
 
 from tokensvc.discovery import Discovery
@@ -43,7 +43,8 @@ SERVER = (
     .where(servers.c.id == bindparam("sid"))
 )
 LOCKED = select(servers).where(servers.c.id == bindparam("sid")).with_for_update()
-CREATE = insert(servers)
+# A new server has no token yet: it comes back as SERVER would read it.
+CREATE = insert(servers).returning(*servers.c, literal_column("NULL").label("token_expires_at"))
 
 
 class Registering(KeyRotation):
@@ -74,7 +75,7 @@ class Registering(KeyRotation):
                     "client_secret",
                     "is required to create a server: give client_secret (it is never shown again)",
                 )
-            conn.execute(
+            stored = conn.execute(
                 CREATE,
                 {
                     "id": spec.id,
@@ -89,26 +90,25 @@ class Registering(KeyRotation):
                     "update_time": now,
                     **spec_columns(spec),
                 },
-            )
+            ).one()
             self._audit(conn, actor, "create", spec.id, revision=1)
             self._announce(conn, ChangeKind.REGISTERED, spec.id, 1, revised=True)
-            changed = revised = True
-        else:
-            plan = plan_revision(
-                spec_of(row),
-                spec,
-                credential_changed=credential is not None
-                and not self._same_credential(row, credential),
-                discovery_changed=Discovery.from_json(row.discovery) != discovery,
-                holds_previous=row.previous_credential_ct is not None,
-                previous=previous,
-            )
-            changed, revised = plan.changed, plan.revised
-            if changed:
-                self._revise(conn, row, spec, credential, found, plan)
-                revision = row.revision + 1 if revised else row.revision
-                self._audit(conn, actor, "update", spec.id, revision=revision, changed=plan.fields)
-                self._announce(conn, ChangeKind.REGISTERED, spec.id, revision, revised)
+            return Registration(record_of(stored), revised=True, changed=True, created=True)
+        plan = plan_revision(
+            spec_of(row),
+            spec,
+            credential_changed=credential is not None
+            and not self._same_credential(row, credential),
+            discovery_changed=Discovery.from_json(row.discovery) != discovery,
+            holds_previous=row.previous_credential_ct is not None,
+            previous=previous,
+        )
+        changed, revised = plan.changed, plan.revised
+        if changed:
+            self._revise(conn, row, spec, credential, found, plan)
+            revision = row.revision + 1 if revised else row.revision
+            self._audit(conn, actor, "update", spec.id, revision=revision, changed=plan.fields)
+            self._announce(conn, ChangeKind.REGISTERED, spec.id, revision, revised)
         stored = conn.execute(SERVER, {"sid": spec.id}).one()
         return Registration(record_of(stored), revised, changed)
 

@@ -9,11 +9,13 @@ refresh path are built once, here, rather than on every call.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Table, bindparam, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -91,8 +93,16 @@ SAVE = (
     .returning(servers.c.token_version)
 )
 SAVE_FORCED = SAVE.values(rejected_versions=servers.c.rejected_versions + 1)
-TOKEN_UPDATE = update(tokens).where(tokens.c.server_id == bindparam("sid"))
-TOKEN_INSERT = insert(tokens)
+
+
+def _token_upsert(insert: Callable[[Table], Any]) -> Any:
+    """One row per server: inserted the first time, replaced in place after."""
+    statement = insert(tokens)
+    replaced = {c.name: statement.excluded[c.name] for c in tokens.c if c.name != "server_id"}
+    return statement.on_conflict_do_update(index_elements=[tokens.c.server_id], set_=replaced)
+
+
+TOKEN_UPSERT = {"sqlite": _token_upsert(sqlite_insert), "postgresql": _token_upsert(pg_insert)}
 FAILURE = update(servers).where(STILL)
 
 
@@ -105,6 +115,7 @@ class Store(Registering):
         super().__init__(engine, keyring, clock, origin)
         # This process alone writes the rows (SQLite): keep what refreshes read.
         self._contexts = FetchContexts(enabled=not self.shared)
+        self._token_upsert = TOKEN_UPSERT[engine.dialect.name]
 
     # reads ---------------------------------------------------------------
 
@@ -192,11 +203,16 @@ class Store(Registering):
         credential a new one replaces as a fallback, or DROP the kept one."""
         args = (spec, credential, expected_revision, actor, discovery, previous)
         self._contexts.forget(spec.id)
+        generation = self._contexts.generation(spec.id)
         try:
-            return await self._run(lambda conn: self._register(conn, *args))
+            result = await self._run(lambda conn: self._register(conn, *args))
         except IntegrityError:
             # Two creations raced and the other won: now this one is an update.
-            return await self._run(lambda conn: self._register(conn, *args))
+            result = await self._run(lambda conn: self._register(conn, *args))
+        if result.created and credential is not None:
+            # Its first token request needs nothing but what was just written.
+            self._contexts.put(FetchContext(result.record, credential, None, None), generation)
+        return result
 
     async def delete(self, server_id: str, actor: str = "") -> None:
         self._contexts.forget(server_id)
@@ -255,10 +271,7 @@ class Store(Registering):
             version: int | None = saved.scalar_one_or_none()
             if version is None:
                 return None
-            # One row per server: replaced in place, inserted the first time.
-            row["version"] = version
-            if not conn.execute(TOKEN_UPDATE, {"sid": server_id, **row}).rowcount:
-                conn.execute(TOKEN_INSERT, {"server_id": server_id, **row})
+            conn.execute(self._token_upsert, {"server_id": server_id, "version": version, **row})
             held = ServerToken(server_id, token, version, revision)
             self._announce(conn, ChangeKind.TOKEN, server_id, version, token=held)
             return held

@@ -4,11 +4,11 @@ StoreUnavailable:
 
 - on a SQLite file, inline on the event loop, on one connection. One process
   owns the file (engine.lock_sqlite) and every transaction of that process runs
-  here, one after another, so none ever waits for another's lock; the whole
-  transaction of a refresh costs tens of microseconds, less than handing it to
-  a thread and back (on the virtual machines this runs on, a thread's wake-up
-  is dearer than SQLite's work). The WAL checkpoints, which fsync and took
-  5 ms in a measurement, are taken in a thread instead of by the commit that
+  here, one after another and never interleaved, so none waits for another's
+  lock and none is handed to a thread and back. A transaction does not yield
+  to the loop: each is a few statements, and the few that could be long (the
+  audit purge) go in batches. The WAL checkpoints, which fsync and took 5 ms
+  in a measurement, are taken in a thread instead of by the commit that
   filled the WAL;
 - on PostgreSQL (and an in-memory SQLite, which only the tests use), on the
   async engine's connection, through SQLAlchemy's greenlet bridge.
@@ -40,10 +40,12 @@ Work = Callable[[Connection], T]
 # about SQLite's own default of 1,000 pages.
 CHECKPOINT_EVERY = 250
 # A checkpoint in the thread leaves the WAL to be reused from its start only
-# if no commit came while it ran; under commits without a pause it would grow
-# without end. Past this many pages, the next commit checkpoints in line, as
-# SQLite itself would have.
+# if no commit came while it ran; under commits without a pause the WAL would
+# grow without end. Past this many pages, or with the thread's checkpoint
+# still running LAGGING * CHECKPOINT_EVERY commits after it began, the next
+# commit checkpoints in line (see InlineSQLite._after_commit).
 WAL_LIMIT = 2000
+LAGGING = 4
 # How long a transaction on the event loop waits for a lock another process
 # holds (a backup, an operator's sqlite3 shell) before the store is
 # unavailable: the loop serves nothing meanwhile.
@@ -55,7 +57,13 @@ def faults() -> Iterator[None]:
     """Database faults become StoreUnavailable."""
     try:
         yield
-    except (OperationalError, InterfaceError, OSError, TimeoutError) as exc:
+    except (
+        OperationalError,
+        InterfaceError,
+        sqlite3.OperationalError,
+        OSError,
+        TimeoutError,
+    ) as exc:
         raise StoreUnavailable(f"the database is unavailable ({type(exc).__name__})") from None
     except DBAPIError as exc:
         if exc.connection_invalidated or _unavailable(exc):
@@ -105,7 +113,7 @@ class InlineSQLite:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._conn: Connection | None = None
-        self._commits = 0
+        self._commits = 0  # since the last checkpoint began
         # Not an asyncio future: a run of transactions that never yields to
         # the loop must still see when the checkpoint is done.
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="tokensvc-checkpoint")
@@ -122,23 +130,42 @@ class InlineSQLite:
         try:
             with faults():
                 conn = self._conn = self._conn or self._engine.connect()
+                # The write lock from the start (see engine._configure_sqlite),
+                # taken here rather than in a "begin" listener: with no
+                # listener on the connection, SQLAlchemy dispatches no event
+                # for any statement (about 25 µs less a transaction here).
+                cursor = conn.connection.cursor()
+                cursor.execute("BEGIN IMMEDIATE")
+                cursor.close()
                 with conn.begin():
                     result = work(conn)
         except BaseException:
             _discarded(self._conn)  # whatever failed, the next one starts afresh
             self._conn = None
             raise
+        self._after_commit()
+        return result
+
+    def _after_commit(self) -> None:
+        """Starts a checkpoint in the thread every CHECKPOINT_EVERY commits;
+        checkpoints in line, as SQLite itself would have, when the thread's
+        found the WAL grown past WAL_LIMIT or has not finished after
+        LAGGING times as many commits (then it is waited for first)."""
         self._commits += 1
-        last = self._checkpoint
-        if last is not None and last.done():
+        last, lagging = self._checkpoint, self._commits >= LAGGING * CHECKPOINT_EVERY
+        if last is not None and (last.done() or lagging):
             self._checkpoint = None
-            if last.exception() is None and last.result() > WAL_LIMIT:
+            try:
+                grown = last.result() > WAL_LIMIT
+            except sqlite3.Error:
+                grown = False  # tried again after the next commits
+            if grown or lagging:
+                self._commits = 0
                 with contextlib.suppress(sqlite3.Error):
                     self._checkpointed()
-        if self._commits >= CHECKPOINT_EVERY and self._checkpoint is None:
+        if self._checkpoint is None and self._commits >= CHECKPOINT_EVERY:
             self._commits = 0
             self._checkpoint = self._checkpointer.submit(self._checkpointed)
-        return result
 
     def _checkpointed(self) -> int:
         """Copies the WAL into the database as far as no reader holds it back
