@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tokensvc import metrics
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.errors import ConfigurationError
+from tokensvc.token import Token, utcnow
 from tokensvc.v1 import tokensvc_pb2 as pb
 
 from support import FakeClock, Watcher, epoch, running_service, sample, scrape
@@ -184,6 +186,36 @@ async def test_without_the_server_label_the_soonest_expiry_is_shown(
         epoch(short.expires_at)
     )
     assert sample(text, "tokensvc_token_requests_total", result="ok") is not None
+
+
+def test_without_the_server_label_the_soonest_follows_each_rotation_and_removal() -> None:
+    def held(server_id: str, expires_in: int) -> None:
+        metrics.token_held(
+            server_id, Token("t", "Bearer", now, now + timedelta(seconds=expires_in))
+        )
+
+    def shown() -> float | None:
+        return metrics.REGISTRY.get_sample_value(
+            "tokensvc_token_expiry_timestamp_seconds", {"server_id": ""}
+        )
+
+    now = utcnow()
+    metrics.configure(per_server=False)
+    try:
+        for server_id, expires_in in (("a", 300), ("b", 100), ("c", 200)):
+            held(server_id, expires_in)
+        assert shown() == (now + timedelta(seconds=100)).timestamp()
+        held("b", 400)  # the soonest rotated: the next one shows
+        assert shown() == (now + timedelta(seconds=200)).timestamp()
+        metrics.server_forgotten("c")
+        assert shown() == (now + timedelta(seconds=300)).timestamp()
+        held("a", 50)  # a rotation may also bring an expiry nearer
+        assert shown() == (now + timedelta(seconds=50)).timestamp()
+        for server_id in ("a", "b"):
+            metrics.server_forgotten(server_id)
+        assert shown() is None
+    finally:
+        metrics.configure(per_server=True)
 
 
 async def test_a_taken_metrics_port_is_refused_clearly(tmp_path: Path, auth: AuthServer) -> None:

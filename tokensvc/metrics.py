@@ -19,6 +19,7 @@ and the expiry gauges show the server whose token expires first.
 
 from __future__ import annotations
 
+import heapq
 import platform
 import threading
 import time
@@ -180,14 +181,19 @@ BUILD = Info("tokensvc_build", "The running tokensvc.", registry=REGISTRY)
 BUILD.info({"version": __version__, "python": platform.python_version()})
 
 _per_server = True
-# Without the server label: each server's token times, to show the soonest.
+# Without the server label: each server's token times, to show the soonest;
+# and the same times in a heap by expiry, where an entry whose server holds
+# other times now is skipped when it comes to the top (a refresh costs
+# O(log n), not a look at every server).
 _held: dict[str, tuple[float, float]] = {}
+_by_expiry: list[tuple[float, float, str]] = []
 
 
 def configure(per_server: bool) -> None:
     global _per_server
     if per_server != _per_server:
         _held.clear()
+        _by_expiry.clear()
         for gauge in (TOKEN_ISSUED, TOKEN_EXPIRY):
             gauge.clear()
     _per_server = per_server
@@ -233,6 +239,7 @@ def token_held(server_id: str, token: Token) -> None:
         TOKEN_EXPIRY.labels(server_id).set(expires)
         return
     _held[server_id] = (issued, expires)
+    heapq.heappush(_by_expiry, (expires, issued, server_id))
     _show_soonest()
 
 
@@ -252,11 +259,13 @@ def server_forgotten(server_id: str) -> None:
 
 
 def _show_soonest() -> None:
-    if not _held:
+    while _by_expiry and _held.get(_by_expiry[0][2]) != _by_expiry[0][1::-1]:
+        heapq.heappop(_by_expiry)
+    if not _by_expiry:
         TOKEN_ISSUED.clear()
         TOKEN_EXPIRY.clear()
         return
-    issued, expires = min(_held.values(), key=lambda times: times[1])
+    expires, issued, _ = _by_expiry[0]
     TOKEN_ISSUED.labels("").set(issued)
     TOKEN_EXPIRY.labels("").set(expires)
 
