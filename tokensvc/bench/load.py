@@ -56,6 +56,46 @@ async def _unary(
     return len(latencies), latencies
 
 
+def fill(target: str, registrations: list[bytes], concurrency: int) -> float:
+    """Registers every server (``RegisterServer`` requests as bytes),
+    ``concurrency`` at a time, and watches until each has its first token;
+    returns the seconds from the first registration to the last token."""
+    return asyncio.run(_fill(target, registrations, concurrency))
+
+
+async def _fill(target: str, registrations: list[bytes], concurrency: int) -> float:
+    waiting = {pb.RegisterServerRequest.FromString(r).server.id for r in registrations}
+    async with grpc.aio.insecure_channel(target) as channel:
+        watch = channel.unary_stream("/tokensvc.v1.TokenService/WatchTokens")(
+            pb.WatchTokensRequest().SerializeToString()
+        )
+        events = aiter(watch)
+        while pb.TokenEvent.FromString(await anext(events)).WhichOneof("event") != "synced":
+            pass
+        register = channel.unary_unary("/tokensvc.v1.AdminService/RegisterServer")
+        pending = iter(registrations)
+
+        async def registering() -> None:
+            for request in pending:
+                await register(request)
+
+        started = time.perf_counter()
+        workers = asyncio.gather(*(registering() for _ in range(concurrency)))
+        try:
+            async with asyncio.timeout(600):
+                async for raw in events:
+                    event = pb.TokenEvent.FromString(raw)
+                    if event.WhichOneof("event") == "token":
+                        waiting.discard(event.token.server_id)
+                        if not waiting:
+                            break
+                elapsed = time.perf_counter() - started
+                await workers
+        finally:
+            watch.cancel()
+    return elapsed
+
+
 def watch(target: str, streams: int, versions: int, metadata: tuple[tuple[str, str], ...]) -> Any:
     """Opens ``streams`` WatchTokens streams and reads each until ``versions``
     newer tokens have come after its ``synced``; returns every such token's
