@@ -1,6 +1,6 @@
 """The plumbing every store method shares: its transactions (transactions.py),
-announcements to the other replicas, the advisory
-lock around a token request, audit rows, and the encrypted columns.
+announcements to the other replicas, the advisory lock around a token
+request, audit rows, and the encrypted columns.
 
 Encryption happens here and only here: the database sees AES-GCM envelopes whose
 associated data names the row and field.
