@@ -22,7 +22,6 @@ from tokensvc.store.transactions import (
     CHECKPOINT_EVERY,
     LAGGING,
     WAL_LIMIT,
-    InlineSQLite,
     Transactions,
 )
 from tokensvc.token import utcnow
@@ -37,11 +36,6 @@ async def inline(tmp_path: Path) -> AsyncIterator[tuple[Transactions, Path]]:
     await runner.run(lambda conn: conn.execute(text("CREATE TABLE t (id INTEGER, v BLOB)")))
     yield runner, path
     await runner.close()
-
-
-def _inline_of(runner: Transactions) -> InlineSQLite:
-    assert runner._inline is not None
-    return runner._inline
 
 
 def _insert(i: int) -> transactions.Work[None]:
@@ -76,7 +70,10 @@ async def test_a_lock_held_by_another_process_makes_the_store_unavailable_soon_n
 ) -> None:
     runner, path = inline
     monkeypatch.setattr(transactions, "INLINE_BUSY_MS", 200)
-    _inline_of(runner)._conn = None  # the next connection is made with the patched timeout
+    on_the_loop = runner._inline
+    assert on_the_loop is not None and on_the_loop._conn is not None
+    on_the_loop._conn.close()  # the next connection is made with the patched timeout
+    on_the_loop._conn = None
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
     started = time.monotonic()
