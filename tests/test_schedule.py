@@ -111,25 +111,30 @@ async def test_the_scheduler_sleeps_through_later_times_and_wakes_for_an_earlier
         await scheduler.stop()
 
 
-async def test_one_wake_up_runs_the_keys_due_within_the_gather_window_and_no_later_one() -> None:
+async def test_one_wake_up_runs_the_keys_due_within_the_gather_window_but_no_retry_early() -> None:
     now = utcnow()
     ran: list[str] = []
-    two = asyncio.Event()
+    three = asyncio.Event()
 
     async def run(key: str) -> None:
         ran.append(key)
-        if len(ran) == 2:
-            two.set()
+        if len(ran) == 3:
+            three.set()
 
     scheduler = Scheduler(run, lambda: now, gather=timedelta(seconds=1))
     scheduler.schedule("due", now)
     scheduler.schedule("in-half-a-second", now + timedelta(milliseconds=500))
+    # A retry keeps its time (a Retry-After is not to be run early).
+    scheduler.schedule("retry-in-a-tenth", now + timedelta(milliseconds=100), early=False)
+    scheduler.schedule("retry-in-a-tenth", now + timedelta(milliseconds=600))  # moved: may
+    scheduler.schedule("retry-in-0.7-s", now + timedelta(milliseconds=700), early=False)
     scheduler.schedule("in-an-hour", now + timedelta(hours=1))
     scheduler.start()
     try:
         async with asyncio.timeout(30):
-            await two.wait()  # both in the first wake-up: the clock never moves
-        assert sorted(ran) == ["due", "in-half-a-second"]
+            await three.wait()  # all in the first wake-up: the clock never moves
+        assert sorted(ran) == ["due", "in-half-a-second", "retry-in-a-tenth"]
+        assert scheduler.due_at("retry-in-0.7-s") == now + timedelta(milliseconds=700)
         assert scheduler.due_at("in-an-hour") == now + timedelta(hours=1)
     finally:
         await scheduler.stop()

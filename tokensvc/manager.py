@@ -273,7 +273,9 @@ class TokenManager:
         """Schedules the server's next refresh here: when its token is due if
         this replica owns it, at a fallback time if another does."""
         state = self.servers.get(server_id)
-        self.scheduler.schedule(server_id, self.duty.due(server_id, state, self._clock()))
+        due = self.duty.due(server_id, state, self._clock())
+        # A retry after a failure keeps its time: it may be the server's Retry-After.
+        self.scheduler.schedule(server_id, due, early=state.failing is None)
 
     async def _failed(
         self, server_id: str, epoch: int, record: ServerRecord, error: FetchError
