@@ -312,12 +312,18 @@ async def test_every_replica_shows_the_nodes_connected_to_any_replica(
             broker = await a.admin.CreateCaller(
                 pb.CreateCallerRequest(name="envoy", roles=["broker"]), metadata=admin
             )
+            # The first token before the stream: one arriving after the first
+            # response would be pushed, and the ACK below would then carry a
+            # stale nonce, which xDS ignores.
+            got = pb.GetTokenRequest(server_id="weather")
+            await a.tokens.GetToken(got, metadata=bearer(broker.key))
             stream = Stream(
                 sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets,
                 bearer(broker.key),
             )
             await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["weather"]))
             sent = await stream.next()
+            assert sent.version_info != "empty"
             await stream.requests.put(
                 xds.DiscoveryRequest(
                     version_info=sent.version_info,
