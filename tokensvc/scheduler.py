@@ -83,8 +83,8 @@ class Scheduler:
 
     def _pop_due(self, ahead: timedelta = timedelta(0)) -> list[tuple[str, datetime]]:
         now = self._clock()
-        due = []
-        while (when := self._next()) is not None and when <= now + ahead:
+        until, due = now + ahead, []
+        while (when := self._next()) is not None and when <= until:
             key = self._heap[0][2]
             if when > now and key in self._exact:
                 break  # not before its time; those after it wait for their own wake-up

@@ -175,7 +175,7 @@ async def refresh_cost(scale: Scale) -> list[Figure]:
     async with AuthServerProcess(scale.refresh_lifetime) as auth:
         baseline = await _bare_post_cpu(auth.token_endpoint, 2000 if scale.servers > 100 else 200)
         async with tokensvc(auth) as rig:
-            await _registered_with_tokens(rig, [f"srv-{i:05d}" for i in range(scale.servers)])
+            await rig.fill([f"srv-{i:05d}" for i in range(scale.servers)])
             started, before = time.process_time(), await auth.requests()
             await asyncio.sleep(scale.refresh_lifetime)  # about two refreshes per server
             cpu, after = time.process_time() - started, await auth.requests()
@@ -229,10 +229,7 @@ async def cold_fill(scale: Scale) -> list[Figure]:
     async with AuthServerProcess(3600) as auth:
         capacity = await _bare_post_rate(auth.token_endpoint, scale.fill_servers, 32)
         async with tokensvc(auth) as rig:
-            ids = [f"cold-{i:05d}" for i in range(scale.fill_servers)]
-            requests = [rig.registration(server_id).SerializeToString() for server_id in ids]
-            # The admin registering them is a client elsewhere, as for the other measures.
-            elapsed = await load.in_process_async(load.fill, rig.target, requests, 32)
+            elapsed = await rig.fill([f"cold-{i:05d}" for i in range(scale.fill_servers)])
     return [
         Figure(
             f"first tokens for {scale.fill_servers} servers registered at once",
@@ -306,7 +303,7 @@ async def replicas(scale: Scale) -> list[Figure]:
                         stack.push_async_callback(channel.close)
                         rig = Rig(replicas[0].port, channel, auth.token_endpoint)
                         ids = [f"rep-{i:04d}" for i in range(scale.replica_servers)]
-                        await _registered_with_tokens(rig, ids)
+                        await rig.fill(ids)
                     cpu = sum(r.cpu_seconds() for r in replicas)
                     before = await auth.requests()
                     await asyncio.sleep(scale.replica_lifetime * 1.5)
@@ -342,23 +339,6 @@ MEASURES: dict[str, Callable[[Scale], Awaitable[list[Figure]]]] = {
     "broker-client": broker_client,
     "replicas": replicas,
 }
-
-
-async def _registered_with_tokens(rig: Rig, server_ids: list[str]) -> None:
-    """Registers the servers and returns once each has its first token (the
-    stream is closed then, so that it costs nothing afterwards)."""
-    call = rig.tokens.WatchTokens(pb.WatchTokensRequest())
-    waiting = set(server_ids)
-    try:
-        await rig.register(server_ids)
-        async with asyncio.timeout(600):
-            async for event in call:
-                if event.WhichOneof("event") == "token":
-                    waiting.discard(event.token.server_id)
-                    if not waiting:
-                        return
-    finally:
-        call.cancel()
 
 
 def _form() -> tuple[dict[str, str], str]:

@@ -19,6 +19,7 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokensvc.bench import load
 from tokensvc.server import Service
 from tokensvc.settings import Settings
 from tokensvc.v1 import tokensvc_pb2 as pb
@@ -115,6 +116,14 @@ class Rig:
                 await self.admin.RegisterServer(self.registration(server_id))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+    async def fill(self, server_ids: list[str]) -> float:
+        """Registers the servers from a process of its own (the admin is a
+        client elsewhere, as for every measure's load) and returns once each
+        has its first token: the seconds that took."""
+        requests = [self.registration(server_id).SerializeToString() for server_id in server_ids]
+        elapsed: float = await load.in_process_async(load.fill, self.target, requests, 32)
+        return elapsed
 
 
 @asynccontextmanager
