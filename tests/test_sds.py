@@ -73,6 +73,17 @@ class Stream:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
+async def refusal(method: Any, metadata: Metadata) -> grpc.StatusCode:
+    """The status of a stream refused on its caller's key alone. Nothing is
+    written: a request written as the refusal arrives can make grpc.aio's client
+    report INTERNAL instead of the server's status (grpc/grpc#36066)."""
+    stream = Stream(method, metadata)
+    await asyncio.gather(stream.task, return_exceptions=True)
+    assert stream.responses.empty()
+    await stream.requests.put(None)
+    return await stream.call.code()
+
+
 @pytest.fixture
 async def keys(harness: Harness) -> dict[str, Metadata]:
     """An admin key and a broker key for team-a-* (open mode ends with the first)."""
@@ -141,11 +152,7 @@ async def test_a_scoped_key_gets_its_servers_only_and_no_key_gets_nothing(
             )
             await fetched
         assert failed.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        denied = Stream(sds.StreamSecrets, metadata)
-        await denied.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["team-a-x"]))
-        await asyncio.gather(denied.task, return_exceptions=True)
-        assert (await denied.call.code()) == grpc.StatusCode.UNAUTHENTICATED
-        assert denied.responses.empty()
+        assert (await refusal(sds.StreamSecrets, metadata)) == grpc.StatusCode.UNAUTHENTICATED
 
     # The audit trail names the node that got each token version.
     await harness.service.audit.flush()  # type: ignore[union-attr]
@@ -304,11 +311,9 @@ async def test_every_replica_shows_the_nodes_connected_to_any_replica(
             )
             admin = bearer(created.key)
             await register_all(a, {"admin": admin}, "weather")
-            stream = Stream(sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets, admin)
+            streams = sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets
             # An admin key is no broker: the stream is refused.
-            await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["weather"]))
-            await asyncio.gather(stream.task, return_exceptions=True)
-            assert (await stream.call.code()) == grpc.StatusCode.PERMISSION_DENIED
+            assert (await refusal(streams, admin)) == grpc.StatusCode.PERMISSION_DENIED
             broker = await a.admin.CreateCaller(
                 pb.CreateCallerRequest(name="envoy", roles=["broker"]), metadata=admin
             )
@@ -317,10 +322,7 @@ async def test_every_replica_shows_the_nodes_connected_to_any_replica(
             # stale nonce, which xDS ignores.
             got = pb.GetTokenRequest(server_id="weather")
             await a.tokens.GetToken(got, metadata=bearer(broker.key))
-            stream = Stream(
-                sds_pb2_grpc.SecretDiscoveryServiceStub(a.channel).StreamSecrets,
-                bearer(broker.key),
-            )
+            stream = Stream(streams, bearer(broker.key))
             await stream.requests.put(xds.DiscoveryRequest(node=NODE, resource_names=["weather"]))
             sent = await stream.next()
             assert sent.version_info != "empty"
