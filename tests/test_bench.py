@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tokensvc.bench.measures import Figure, Scale, broker_client, table
+from tokensvc.bench.measures import Figure, Scale, broker_client, cold_fill, table
 
 
 def test_a_figure_is_met_by_its_ratio_in_the_direction_of_its_goal() -> None:
@@ -31,3 +31,9 @@ async def test_the_broker_client_measure_runs_against_a_real_service() -> None:
     (figure,) = await broker_client(replace(Scale.quick(), brokers=2, broker_seconds=1.0))
     assert figure.baseline >= 2  # calls were made, each through a real TokenClient
     assert 0 <= figure.value <= figure.baseline
+
+
+async def test_the_cold_fill_measure_fills_every_server_and_times_a_broker_meanwhile() -> None:
+    filled, waiting = await cold_fill(replace(Scale.quick(), fill_servers=200))
+    assert filled.value > 0 and filled.baseline > 0  # every server got its first token
+    assert waiting.baseline > 0  # the bare POSTs it is measured against were timed

@@ -56,15 +56,24 @@ async def _unary(
     return len(latencies), latencies
 
 
-def fill(target: str, registrations: list[bytes], concurrency: int) -> float:
+def fill(
+    target: str, registrations: list[bytes], concurrency: int, probe_every: float = 0.0
+) -> tuple[float, list[float]]:
     """Registers every server (``RegisterServer`` requests as bytes),
-    ``concurrency`` at a time, and watches until each has its first token;
-    returns the seconds from the first registration to the last token."""
-    return asyncio.run(_fill(target, registrations, concurrency))
+    ``concurrency`` at a time, and watches until each has its first token.
+    With ``probe_every``, a broker meanwhile asks, that often, for the token of
+    the newest server registered that has none yet (the one a queue would
+    serve last). Returns the seconds from the first registration to the last
+    token, and each probe's latency in seconds."""
+    return asyncio.run(_fill(target, registrations, concurrency, probe_every))
 
 
-async def _fill(target: str, registrations: list[bytes], concurrency: int) -> float:
+async def _fill(
+    target: str, registrations: list[bytes], concurrency: int, probe_every: float
+) -> tuple[float, list[float]]:
     waiting = {pb.RegisterServerRequest.FromString(r).server.id for r in registrations}
+    registered: list[str] = []  # in the order their RegisterServer returned
+    probes: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         watch = channel.unary_stream("/tokensvc.v1.TokenService/WatchTokens")(
             pb.WatchTokensRequest().SerializeToString()
@@ -73,14 +82,26 @@ async def _fill(target: str, registrations: list[bytes], concurrency: int) -> fl
         while pb.TokenEvent.FromString(await anext(events)).WhichOneof("event") != "synced":
             pass
         register = channel.unary_unary("/tokensvc.v1.AdminService/RegisterServer")
+        get_token = channel.unary_unary("/tokensvc.v1.TokenService/GetToken")
         pending = iter(registrations)
 
         async def registering() -> None:
             for request in pending:
                 await register(request)
+                registered.append(pb.RegisterServerRequest.FromString(request).server.id)
+
+        async def probing() -> None:
+            while waiting:
+                newest = next((s for s in reversed(registered) if s in waiting), None)
+                if newest is not None:
+                    started = time.perf_counter()
+                    await get_token(pb.GetTokenRequest(server_id=newest).SerializeToString())
+                    probes.append(time.perf_counter() - started)
+                await asyncio.sleep(probe_every)  # the pace of a broker's calls
 
         started = time.perf_counter()
         workers = asyncio.gather(*(registering() for _ in range(concurrency)))
+        prober = asyncio.ensure_future(probing() if probe_every else asyncio.sleep(0))
         try:
             async with asyncio.timeout(600):
                 async for raw in events:
@@ -91,9 +112,11 @@ async def _fill(target: str, registrations: list[bytes], concurrency: int) -> fl
                             break
                 elapsed = time.perf_counter() - started
                 await workers
+                await prober
         finally:
             watch.cancel()
-    return elapsed
+            prober.cancel()
+    return elapsed, probes
 
 
 def watch(target: str, streams: int, versions: int, metadata: tuple[tuple[str, str], ...]) -> Any:

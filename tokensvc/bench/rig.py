@@ -117,13 +117,19 @@ class Rig:
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
-    async def fill(self, server_ids: list[str]) -> float:
+    async def fill(
+        self, server_ids: list[str], probe_every: float = 0.0
+    ) -> tuple[float, list[float]]:
         """Registers the servers from a process of its own (the admin is a
         client elsewhere, as for every measure's load) and returns once each
-        has its first token: the seconds that took."""
+        has its first token: the seconds that took, and the latencies of a
+        broker's GetToken calls meanwhile, one every ``probe_every`` seconds
+        (see load.fill)."""
         requests = [self.registration(server_id).SerializeToString() for server_id in server_ids]
-        elapsed: float = await load.in_process_async(load.fill, self.target, requests, 32)
-        return elapsed
+        filled: tuple[float, list[float]] = await load.in_process_async(
+            load.fill, self.target, requests, 32, probe_every
+        )
+        return filled
 
 
 @asynccontextmanager
