@@ -5,14 +5,31 @@ an event loop or a GIL: on a two-core machine, one core each."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+import httpx2
 
 from tokensvc.v1 import tokensvc_pb2 as pb
+
+# The bench's OAuth client, at its authorization server.
+CLIENT_ID = "bench-client"
+SECRET = "bench-secret"
+
+
+def token_request() -> tuple[dict[str, str], str]:
+    """The headers and body of the token request tokensvc sends for a bench server."""
+    basic = base64.b64encode(f"{CLIENT_ID}:{SECRET}".encode()).decode()
+    body = "grant_type=client_credentials&resource=http%3A%2F%2F127.0.0.1%3A9%2Fmcp"
+    headers = {
+        "Authorization": f"Basic {basic}",
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+    return headers, body
 
 
 def in_process(function: Callable[..., Any], *args: Any) -> Any:
@@ -57,24 +74,38 @@ async def _unary(
 
 
 def fill(
-    target: str, registrations: list[bytes], concurrency: int, probe_every: float = 0.0
-) -> tuple[float, list[float]]:
+    target: str,
+    registrations: list[bytes],
+    concurrency: int,
+    probe_every: float = 0.0,
+    token_endpoint: str = "",
+) -> tuple[float, list[tuple[float, float]]]:
     """Registers every server (``RegisterServer`` requests as bytes),
     ``concurrency`` at a time, and watches until each has its first token.
+
     With ``probe_every``, a broker meanwhile asks, that often, for the token of
     the newest server registered that has none yet (the one a queue would
-    serve last). Returns the seconds from the first registration to the last
-    token, and each probe's latency in seconds."""
-    return asyncio.run(_fill(target, registrations, concurrency, probe_every))
+    serve last) and, at the same moment, POSTs the same token request straight
+    to ``token_endpoint``: what the authorization server alone takes then.
+    Returns the seconds from the first registration to the last token, and
+    each probe's two latencies in seconds (GetToken, bare POST)."""
+    return asyncio.run(_fill(target, registrations, concurrency, probe_every, token_endpoint))
 
 
 async def _fill(
-    target: str, registrations: list[bytes], concurrency: int, probe_every: float
-) -> tuple[float, list[float]]:
+    target: str,
+    registrations: list[bytes],
+    concurrency: int,
+    probe_every: float,
+    token_endpoint: str,
+) -> tuple[float, list[tuple[float, float]]]:
     waiting = {pb.RegisterServerRequest.FromString(r).server.id for r in registrations}
     registered: list[str] = []  # in the order their RegisterServer returned
-    probes: list[float] = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    probes: list[tuple[float, float]] = []
+    async with (
+        grpc.aio.insecure_channel(target) as channel,
+        httpx2.AsyncClient(trust_env=False) as http,
+    ):
         watch = channel.unary_stream("/tokensvc.v1.TokenService/WatchTokens")(
             pb.WatchTokensRequest().SerializeToString()
         )
@@ -83,6 +114,7 @@ async def _fill(
             pass
         register = channel.unary_unary("/tokensvc.v1.AdminService/RegisterServer")
         get_token = channel.unary_unary("/tokensvc.v1.TokenService/GetToken")
+        headers, body = token_request()
         pending = iter(registrations)
 
         async def registering() -> None:
@@ -90,13 +122,21 @@ async def _fill(
                 await register(request)
                 registered.append(pb.RegisterServerRequest.FromString(request).server.id)
 
+        async def timed(call: Awaitable[Any]) -> float:
+            started = time.perf_counter()
+            await call
+            return time.perf_counter() - started
+
         async def probing() -> None:
             while waiting:
                 newest = next((s for s in reversed(registered) if s in waiting), None)
                 if newest is not None:
-                    started = time.perf_counter()
-                    await get_token(pb.GetTokenRequest(server_id=newest).SerializeToString())
-                    probes.append(time.perf_counter() - started)
+                    asked = pb.GetTokenRequest(server_id=newest).SerializeToString()
+                    served, posted = await asyncio.gather(
+                        timed(get_token(asked)),
+                        timed(http.post(token_endpoint, content=body, headers=headers)),
+                    )
+                    probes.append((served, posted))
                 await asyncio.sleep(probe_every)  # the pace of a broker's calls
 
         started = time.perf_counter()

@@ -20,13 +20,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokensvc.bench import load
+from tokensvc.bench.load import CLIENT_ID, SECRET
 from tokensvc.server import Service
 from tokensvc.settings import Settings
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
-
-CLIENT_ID = "bench-client"
-SECRET = "bench-secret"
 
 
 class AuthServerProcess:
@@ -119,15 +117,14 @@ class Rig:
 
     async def fill(
         self, server_ids: list[str], probe_every: float = 0.0
-    ) -> tuple[float, list[float]]:
+    ) -> tuple[float, list[tuple[float, float]]]:
         """Registers the servers from a process of its own (the admin is a
         client elsewhere, as for every measure's load) and returns once each
-        has its first token: the seconds that took, and the latencies of a
-        broker's GetToken calls meanwhile, one every ``probe_every`` seconds
-        (see load.fill)."""
+        has its first token: the seconds that took, and the probes of a
+        broker meanwhile, one every ``probe_every`` seconds (see load.fill)."""
         requests = [self.registration(server_id).SerializeToString() for server_id in server_ids]
-        filled: tuple[float, list[float]] = await load.in_process_async(
-            load.fill, self.target, requests, 32, probe_every
+        filled: tuple[float, list[tuple[float, float]]] = await load.in_process_async(
+            load.fill, self.target, requests, 32, probe_every, self.token_endpoint
         )
         return filled
 
