@@ -303,6 +303,7 @@ class Harness:
     tokens: pb_grpc.TokenServiceStub
     admin: pb_grpc.AdminServiceStub
     data_dir: Path
+    admin_channel: grpc.aio.Channel  # channel, unless admin_listen is set
 
     @property
     def target(self) -> str:
@@ -440,20 +441,25 @@ async def running_service(
     # Its own connection: by default channels to one address share gRPC's global
     # subchannel pool, and after a restart on the same port a new channel would
     # inherit the refused connection's backoff and fail fast with UNAVAILABLE.
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{service.port}", options=[("grpc.use_local_subchannel_pool", 1)]
-    )
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=options)
+    # With admin_listen, AdminService is on a listener of its own.
+    admin = channel
+    if service.admin_port:
+        admin = grpc.aio.insecure_channel(f"127.0.0.1:{service.admin_port}", options=options)
     try:
         yield Harness(
             service,
             auth,
             channel,
             pb_grpc.TokenServiceStub(channel),
-            pb_grpc.AdminServiceStub(channel),
+            pb_grpc.AdminServiceStub(admin),
             data_dir,
+            admin,
         )
     finally:
         await channel.close()
+        await admin.close()
         await service.stop(grace=1.0)
 
 

@@ -125,9 +125,9 @@ async def run(*argv: str) -> tuple[int, str, str]:
 # --- 1. TLS --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("admin_listen", ["", "127.0.0.1:0"])
 async def test_a_tls_service_answers_clients_trusting_its_ca_and_refuses_plaintext(
-    tmp_path: Path,
-    auth: AuthServer,
+    tmp_path: Path, auth: AuthServer, admin_listen: str
 ) -> None:
     ca = CertificateAuthority(tmp_path / "ca")
     server = ca.server()
@@ -136,20 +136,26 @@ async def test_a_tls_service_answers_clients_trusting_its_ca_and_refuses_plainte
         auth,
         tls_cert=server.cert,
         tls_key=server.key,
+        admin_listen=admin_listen,
     ) as harness:
-        async with secure_channel(harness.service.port, ca.pem) as channel:
+        async with (
+            secure_channel(harness.service.port, ca.pem) as channel,
+            secure_channel(harness.service.admin_port or harness.service.port, ca.pem) as admins,
+        ):
             assert await health(channel) == SERVING
+            assert await health(admins) == SERVING
             # Open mode (no caller, loopback listener): no credentials needed.
-            admin = pb_grpc.AdminServiceStub(channel)
+            admin = pb_grpc.AdminServiceStub(admins)
             await admin.RegisterServer(registration(auth, "alpha"), timeout=TIMEOUT)
             fetched = await admin.GetServer(pb.GetServerRequest(id="alpha"), timeout=TIMEOUT)
             assert fetched.id == "alpha" and fetched.credential_set
             listed = await admin.ListServers(pb.ListServersRequest(), timeout=TIMEOUT)
             assert [s.id for s in listed.servers] == ["alpha"]
 
-        # harness.channel is a plaintext channel to the same port.
-        error = await failure(health(harness.channel))
-        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        # harness.channel (and admin_channel) are plaintext channels to the same ports.
+        for plaintext in (harness.channel, harness.admin_channel):
+            error = await failure(health(plaintext))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
         error = await failure(harness.admin.ListServers(pb.ListServersRequest(), timeout=TIMEOUT))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         # A client trusting another CA refuses the server.

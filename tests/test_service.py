@@ -12,12 +12,14 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sqlalchemy import inspect, text
 
 from tokensvc.crypto import KeyRing, generate_key_entry
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.store import create_engine, migrate
 from tokensvc.v1 import tokensvc_pb2 as pb
+from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 from replicas import TOKENSVC, run_tokensvc, tokensvc_env
 from support import Harness, create_pg_database, drop_pg_database, running_service, sha
@@ -149,6 +151,42 @@ async def test_a_taken_port_is_refused_clearly(tmp_path: Path, auth: AuthServer)
     assert code == 2 and "cannot listen" in out
 
 
+async def services_listed(channel: grpc.aio.Channel) -> set[str]:
+    """The services a listener's reflection lists."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for response in stub.ServerReflectionInfo(iter([request])):
+        return {s.name for s in response.list_services_response.service}
+    raise AssertionError("no reflection response")
+
+
+async def test_admin_listen_serves_admin_service_there_and_everything_else_on_listen(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    async with running_service(tmp_path, auth, admin_listen="127.0.0.1:0") as h:
+        assert h.service.admin_port not in (0, h.service.port)
+        await h.register()  # on the admin listener
+        token = await h.tokens.GetToken(pb.GetTokenRequest(server_id="alpha"))
+        assert token.access_token == auth.issued[0]
+        for wrong in (
+            pb_grpc.AdminServiceStub(h.channel).ListServers(pb.ListServersRequest()),
+            pb_grpc.TokenServiceStub(h.admin_channel).GetToken(
+                pb.GetTokenRequest(server_id="alpha")
+            ),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await wrong
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        for channel in (h.channel, h.admin_channel):
+            health = health_pb2_grpc.HealthStub(channel)
+            checked = await health.Check(health_pb2.HealthCheckRequest())
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+        everyday = {"tokensvc.v1.TokenService", "envoy.service.secret.v3.SecretDiscoveryService"}
+        common = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        assert await services_listed(h.channel) == everyday | common
+        assert await services_listed(h.admin_channel) == {"tokensvc.v1.AdminService"} | common
+
+
 async def test_health_is_serving_then_not_serving_on_shutdown_and_calls_drain(
     tmp_path: Path, auth: AuthServer
 ) -> None:
@@ -202,6 +240,15 @@ async def test_a_config_file_and_the_environment_are_read_with_flags_winning(
         ({"TOKENSVC_DATABASE_URL": "mysql://x"}, "database_url"),
         ({"TOKENSVC_ALLOW_INSECURE_HTTP": "maybe"}, "allow_insecure_http"),
         ({"TOKENSVC_METRICS_LISTEN": "9464"}, "metrics_listen '9464' is not host:port"),
+        ({"TOKENSVC_ADMIN_LISTEN": "50052"}, "admin_listen '50052' is not host:port"),
+        (
+            {"TOKENSVC_ADMIN_LISTEN": "127.0.0.1:50051"},
+            "admin_listen 127.0.0.1:50051 is also listen",
+        ),
+        (
+            {"TOKENSVC_ADMIN_LISTEN": "0.0.0.0:50052"},
+            "admin_listen 0.0.0.0:50052 is not a loopback address and no TLS is configured",
+        ),
         ({"TOKENSVC_METRICS_PER_SERVER": "some"}, "metrics_per_server"),
         (
             {"TOKENSVC_OUTBOUND_CA_FILE": "/nonexistent/ca.pem"},

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--listen", help="host:port (default 127.0.0.1:50051)")
     serve.add_argument(
+        "--admin-listen",
+        help="host:port of a listener of its own for AdminService (default: on --listen); "
+        "admin calls then never queue ahead of the brokers' calls",
+    )
+    serve.add_argument(
         "--allow-insecure-http",
         action="store_true",
         default=None,

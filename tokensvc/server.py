@@ -1,5 +1,6 @@
-"""Assembles the service: keys, store, fetcher, manager, and the grpc.aio server
-with reflection, health, metrics and graceful shutdown."""
+"""Assembles the service: keys, store, fetcher, manager, and the grpc.aio
+servers (tokensvc.listeners) with reflection, health, metrics and graceful
+shutdown."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import signal
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import grpc
 from envoy.service.secret.v3 import sds_pb2, sds_pb2_grpc
@@ -24,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from tokensvc import __version__, metrics
 from tokensvc.api import AdminServicer, TokenServicer
 from tokensvc.api.sds import SecretDiscoveryServicer
-from tokensvc.api.wire import add_token_service, generic_handlers_only
+from tokensvc.api.wire import add_token_service
 from tokensvc.assertions import AssertionDir
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
@@ -33,11 +32,11 @@ from tokensvc.crypto import KeyRing, load_keyring
 from tokensvc.discovery import discover
 from tokensvc.egress import Egress
 from tokensvc.errors import ConfigurationError, StoreUnavailable
+from tokensvc.listeners import listening
 from tokensvc.manager import TokenManager
 from tokensvc.oauth import TokenFetcher
 from tokensvc.ownership import Heartbeat, Membership
 from tokensvc.registry import Callers, Registry
-from tokensvc.rpc_metrics import RpcMetrics
 from tokensvc.settings import Settings
 from tokensvc.store import Store, create_engine, migrate
 from tokensvc.store.access import AccessStore
@@ -52,9 +51,10 @@ log = logging.getLogger(__name__)
 # How often the database is checked, for grpc.health.v1.
 STORE_CHECK_INTERVAL = 2.0
 
+ADMIN_SERVICE = tokensvc_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 SERVICE_NAMES = (
     tokensvc_pb2.DESCRIPTOR.services_by_name["TokenService"].full_name,
-    tokensvc_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    ADMIN_SERVICE,
     sds_pb2.DESCRIPTOR.services_by_name["SecretDiscoveryService"].full_name,
 )
 
@@ -104,7 +104,8 @@ class Service:
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     store: Store | None = field(default=None, init=False)
     manager: TokenManager | None = field(default=None, init=False)
-    _server: grpc.aio.Server | None = field(default=None, init=False)
+    admin_port: int = 0  # admin_listen's port, when set
+    _servers: list[grpc.aio.Server] = field(default_factory=list, init=False)
     _health: health.aio.HealthServicer | None = field(default=None, init=False)
     _listener: Listener | None = field(default=None, init=False)
     _heartbeat: Heartbeat | None = field(default=None, init=False)
@@ -164,27 +165,15 @@ class Service:
         )
         self._heartbeat = Heartbeat.of(self.store, self.manager, settings)
         metrics.configure(per_server=settings.metrics_per_server)
-        server = grpc.aio.server(
-            # Timing every call costs a little: only when someone collects the figures.
-            interceptors=[RpcMetrics()] if settings.metrics_listen else [],
-            options=[
-                ("grpc.max_receive_message_length", 1 << 20),
-                # Two processes on one port would split the calls between them.
-                ("grpc.so_reuseport", 0),
-            ],
-        )
-        generic_handlers_only(server)
-        try:
-            if settings.tls_cert:
-                self.port = server.add_secure_port(settings.listen, tls_credentials(settings))
-            else:
-                self.port = server.add_insecure_port(settings.listen)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
-            raise ConfigurationError(
-                f"cannot listen on {settings.listen}: address in use or invalid"
-            )
+        server, self.port = listening(settings, "listen", settings.listen)
+        # Each listener with the services it serves: AdminService on its own,
+        # or with everything else.
+        listeners: list[tuple[grpc.aio.Server, tuple[str, ...]]] = [(server, SERVICE_NAMES)]
+        admin = server
+        if settings.admin_listen:
+            admin, self.admin_port = listening(settings, "admin_listen", settings.admin_listen)
+            others = tuple(name for name in SERVICE_NAMES if name != ADMIN_SERVICE)
+            listeners = [(server, others), (admin, (ADMIN_SERVICE,))]
         if settings.metrics_listen:
             try:
                 self._metrics = metrics.MetricsListener(settings.metrics_listen)
@@ -230,7 +219,7 @@ class Service:
                 self.auth,
                 self.consumers,
             ),
-            server,
+            admin,
         )
         sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(
             SecretDiscoveryServicer(
@@ -239,13 +228,14 @@ class Service:
             server,
         )
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        if settings.reflection:
-            reflection.enable_server_reflection(
-                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
-        await server.start()
-        self._server = server
+        for listener, names in listeners:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, listener)
+            if settings.reflection:
+                reflection.enable_server_reflection(
+                    (*names, health.SERVICE_NAME, reflection.SERVICE_NAME), listener
+                )
+            await listener.start()
+            self._servers.append(listener)
         # SERVING only now: the store is open and the port bound.
         await self._set_health(True)
         metrics.database_up(True)
@@ -254,7 +244,7 @@ class Service:
             log.warning(
                 "INSECURE: serving plaintext gRPC off loopback; tokens and keys cross the "
                 "network unencrypted",
-                extra={"listen": settings.listen},
+                extra={"listen": settings.listen, "admin_listen": settings.admin_listen},
             )
         if self.auth.open:
             log.warning(
@@ -266,6 +256,7 @@ class Service:
             extra={
                 "listen": settings.listen,
                 "port": self.port,
+                "admin_port": self.admin_port,
                 "sqlite": settings.is_sqlite,
                 "replica": self.replica_id,
                 "metrics_port": self.metrics_port,
@@ -327,8 +318,8 @@ class Service:
                 log.warning("database unreachable: NOT_SERVING, valid tokens served from memory")
 
     async def wait(self) -> None:
-        if self._server is not None:
-            await self._server.wait_for_termination()
+        if self._servers:
+            await self._servers[0].wait_for_termination()
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, ends watch streams, lets calls in progress finish
@@ -341,9 +332,10 @@ class Service:
             self._monitor = None
         if self.manager is not None:
             self.manager.watches.close()  # watch streams end with OK; clients reconnect
-        if self._server is not None:
-            await self._server.stop(self.settings.grace_period if grace is None else grace)
-            self._server = None
+        if self._servers:
+            grace = self.settings.grace_period if grace is None else grace
+            await asyncio.gather(*(server.stop(grace) for server in self._servers))
+            self._servers = []
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
@@ -374,45 +366,6 @@ class Service:
             os.close(self._sqlite_lock)  # releases the lock
             self._sqlite_lock = None
         log.info("tokensvc stopped")
-
-
-def tls_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS (or mTLS with a client CA) whose files are re-read when they change:
-    certificates rotate without a restart, for new connections."""
-    paths = [p for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca) if p]
-
-    def stamp() -> tuple[float, ...]:
-        return tuple(
-            value
-            for p in paths
-            for value in (lambda st: (st.st_mtime_ns, st.st_size, st.st_ino))(os.stat(p))
-        )
-
-    def load() -> Any:
-        assert settings.tls_cert is not None and settings.tls_key is not None
-        ca = Path(settings.tls_client_ca).read_bytes() if settings.tls_client_ca else None
-        return grpc.ssl_server_certificate_configuration(
-            [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())],
-            root_certificates=ca,
-        )
-
-    state = {"stamp": stamp()}
-
-    def fetch() -> Any:
-        # Called by gRPC before each handshake: cheap unless a file changed.
-        try:
-            current = stamp()
-            if current == state["stamp"]:
-                return None
-            state["stamp"] = current
-            log.info("TLS files changed: new connections use them")
-            return load()
-        except OSError:
-            return None  # half-written files: keep what works, look again next time
-
-    return grpc.dynamic_ssl_server_credentials(
-        load(), fetch, require_client_authentication=settings.tls_client_ca is not None
-    )
 
 
 async def until_signalled() -> None:

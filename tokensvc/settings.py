@@ -26,6 +26,11 @@ from tokensvc.token import DEFAULT_MIN_VALID_FOR
 @dataclass(frozen=True, slots=True)
 class Settings:
     listen: str = "127.0.0.1:50051"
+    # AdminService on a listener of its own (host:port), off `listen`: admin
+    # calls then never queue ahead of the brokers' calls (grpc.aio accepts a
+    # listener's calls one at a time, in arrival order), and a firewall can
+    # keep it apart. Empty: on `listen`, with everything else.
+    admin_listen: str = ""
     data_dir: Path = Path("data")
     # Default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://user@host/db
     database_url: str = ""
@@ -91,14 +96,15 @@ class Settings:
         return self.key_file or self.data_dir / "keys"
 
     @property
+    def listeners(self) -> tuple[tuple[str, str], ...]:
+        """Each gRPC listener as (setting, address)."""
+        admin = (("admin_listen", self.admin_listen),) if self.admin_listen else ()
+        return (("listen", self.listen), *admin)
+
+    @property
     def listens_on_loopback(self) -> bool:
-        host = self.listen.rpartition(":")[0].strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        """Every gRPC listener is on a loopback address."""
+        return all(_loopback(address) for _, address in self.listeners)
 
     @property
     def is_sqlite(self) -> bool:
@@ -149,6 +155,13 @@ class Settings:
 
     def validate(self) -> Settings:
         _check_address("listen", self.listen, "127.0.0.1:50051 or [::]:50051")
+        if self.admin_listen:
+            _check_address("admin_listen", self.admin_listen, "127.0.0.1:50052")
+            if self.admin_listen == self.listen and not self.listen.endswith(":0"):
+                raise ConfigurationError(
+                    f"admin_listen {self.admin_listen} is also listen: give another port, "
+                    "or leave admin_listen empty to serve AdminService on listen"
+                )
         if self.metrics_listen:
             _check_address("metrics_listen", self.metrics_listen, "0.0.0.0:9464")
         if self.database_url and not self.database_url.startswith(
@@ -197,12 +210,13 @@ class Settings:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigurationError(f"{name}: {path} is not a readable file")
-        if not self.tls_cert and not self.insecure and not self.listens_on_loopback:
-            raise ConfigurationError(
-                f"listen {self.listen} is not a loopback address and no TLS is configured: "
-                "give --tls-cert and --tls-key (and --tls-client-ca for mTLS), or --insecure "
-                "to serve plaintext anyway"
-            )
+        for name, address in self.listeners:
+            if not self.tls_cert and not self.insecure and not _loopback(address):
+                raise ConfigurationError(
+                    f"{name} {address} is not a loopback address and no TLS is configured: "
+                    "give --tls-cert and --tls-key (and --tls-client-ca for mTLS), or "
+                    "--insecure to serve plaintext anyway"
+                )
         try:
             self.url_policy  # noqa: B018 (parses the CIDR lists)
         except ValueError as exc:
@@ -214,6 +228,16 @@ class Settings:
         if self.log_level not in LOG_LEVELS:
             raise ConfigurationError("log_level must be debug, info, warning or error")
         return self
+
+
+def _loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_address(name: str, value: str, example: str) -> None:
