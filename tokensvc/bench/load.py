@@ -75,13 +75,15 @@ async def _unary(
 
 def fill(
     target: str,
+    admin_target: str,
     registrations: list[bytes],
     concurrency: int,
     probe_every: float = 0.0,
     token_endpoint: str = "",
 ) -> tuple[float, list[tuple[float, float]]]:
-    """Registers every server (``RegisterServer`` requests as bytes),
-    ``concurrency`` at a time, and watches until each has its first token.
+    """Registers every server (``RegisterServer`` requests as bytes, to
+    ``admin_target``), ``concurrency`` at a time, and watches (on ``target``)
+    until each has its first token.
 
     With ``probe_every``, a broker meanwhile asks, that often, for the token of
     the newest server registered that has none yet (the one a queue would
@@ -89,11 +91,14 @@ def fill(
     to ``token_endpoint``: what the authorization server alone takes then.
     Returns the seconds from the first registration to the last token, and
     each probe's two latencies in seconds (GetToken, bare POST)."""
-    return asyncio.run(_fill(target, registrations, concurrency, probe_every, token_endpoint))
+    return asyncio.run(
+        _fill(target, admin_target, registrations, concurrency, probe_every, token_endpoint)
+    )
 
 
 async def _fill(
     target: str,
+    admin_target: str,
     registrations: list[bytes],
     concurrency: int,
     probe_every: float,
@@ -104,6 +109,7 @@ async def _fill(
     probes: list[tuple[float, float]] = []
     async with (
         grpc.aio.insecure_channel(target) as channel,
+        grpc.aio.insecure_channel(admin_target) as admin,
         httpx2.AsyncClient(trust_env=False) as http,
     ):
         watch = channel.unary_stream("/tokensvc.v1.TokenService/WatchTokens")(
@@ -112,7 +118,7 @@ async def _fill(
         events = aiter(watch)
         while pb.TokenEvent.FromString(await anext(events)).WhichOneof("event") != "synced":
             pass
-        register = channel.unary_unary("/tokensvc.v1.AdminService/RegisterServer")
+        register = admin.unary_unary("/tokensvc.v1.AdminService/RegisterServer")
         get_token = channel.unary_unary("/tokensvc.v1.TokenService/GetToken")
         headers, body = token_request()
         pending = iter(registrations)

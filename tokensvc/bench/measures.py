@@ -206,7 +206,7 @@ async def registration(scale: Scale) -> list[Figure]:
                 load.unary, noop_target, REGISTER, requests[:1], scale.seconds, 32
             )
             calls, _ = await load.in_process_async(
-                load.unary, rig.target, REGISTER, requests, scale.seconds, 32
+                load.unary, rig.admin_target, REGISTER, requests, scale.seconds, 32
             )
         finally:
             await noop.stop()

@@ -82,18 +82,31 @@ async def _serve_async(conn: Connection, lifetime: float) -> None:
 
 
 class Rig:
-    """A tokensvc on 127.0.0.1:``port``, its stubs, and how to register servers with it."""
+    """A tokensvc on 127.0.0.1:``port`` (AdminService on ``admin_port``, if
+    another), its stubs, and how to register servers with it."""
 
-    def __init__(self, port: int, channel: grpc.aio.Channel, token_endpoint: str) -> None:
+    def __init__(
+        self,
+        port: int,
+        channel: grpc.aio.Channel,
+        token_endpoint: str,
+        admin_port: int = 0,
+        admin_channel: grpc.aio.Channel | None = None,
+    ) -> None:
         self.port = port
+        self.admin_port = admin_port or port
         self.channel = channel
         self.token_endpoint = token_endpoint
         self.tokens = pb_grpc.TokenServiceStub(channel)
-        self.admin = pb_grpc.AdminServiceStub(channel)
+        self.admin = pb_grpc.AdminServiceStub(admin_channel or channel)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def admin_target(self) -> str:
+        return f"127.0.0.1:{self.admin_port}"
 
     def registration(self, server_id: str) -> pb.RegisterServerRequest:
         return pb.RegisterServerRequest(
@@ -124,24 +137,34 @@ class Rig:
         broker meanwhile, one every ``probe_every`` seconds (see load.fill)."""
         requests = [self.registration(server_id).SerializeToString() for server_id in server_ids]
         filled: tuple[float, list[tuple[float, float]]] = await load.in_process_async(
-            load.fill, self.target, requests, 32, probe_every, self.token_endpoint
+            load.fill,
+            self.target,
+            self.admin_target,
+            requests,
+            32,
+            probe_every,
+            self.token_endpoint,
         )
         return filled
 
 
 @asynccontextmanager
 async def tokensvc(auth: AuthServerProcess, **settings: Any) -> AsyncIterator[Rig]:
-    """tokensvc in this process (so that its CPU is this process's), on SQLite."""
+    """tokensvc in this process (so that its CPU is this process's), on SQLite,
+    with AdminService on a listener of its own (as the README advises for
+    registering in bulk: admin calls then never queue ahead of GetToken)."""
     with tempfile.TemporaryDirectory(prefix="tokensvc-bench-") as data:
-        service = Service(
-            Settings(listen="127.0.0.1:0", data_dir=Path(data), **settings).validate()
-        )
+        settings = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **settings}
+        service = Service(Settings(data_dir=Path(data), **settings).validate())
         await service.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}")
+        admin_port = service.admin_port or service.port
+        admin = grpc.aio.insecure_channel(f"127.0.0.1:{admin_port}")
         try:
-            yield Rig(service.port, channel, auth.token_endpoint)
+            yield Rig(service.port, channel, auth.token_endpoint, admin_port, admin)
         finally:
             await channel.close()
+            await admin.close()
             await service.stop(grace=1.0)
 
 
