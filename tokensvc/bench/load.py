@@ -133,15 +133,15 @@ async def _fill(
             await call
             return time.perf_counter() - started
 
+        async def post() -> None:
+            (await http.post(token_endpoint, content=body, headers=headers)).raise_for_status()
+
         async def probing() -> None:
             while waiting:
                 newest = next((s for s in reversed(registered) if s in waiting), None)
                 if newest is not None:
                     asked = pb.GetTokenRequest(server_id=newest).SerializeToString()
-                    served, posted = await asyncio.gather(
-                        timed(get_token(asked)),
-                        timed(http.post(token_endpoint, content=body, headers=headers)),
-                    )
+                    served, posted = await asyncio.gather(timed(get_token(asked)), timed(post()))
                     probes.append((served, posted))
                 await asyncio.sleep(probe_every)  # the pace of a broker's calls
 

@@ -248,8 +248,8 @@ async def cold_fill(scale: Scale) -> list[Figure]:
             percentile([served for served, _ in probes], 0.99) * 1000,
             percentile([posted for _, posted in probes], 0.99) * 1000,
             "bare POST p99, sent with each call",
-            # Waiting behind the queued fetches would take seconds; joining
-            # the server's own (or starting it) takes about one token request.
+            # Queued behind the calls or fetches ahead of it, it would take
+            # hundreds of ms; joining its own fetch, about one token request.
             3.0,
             unit="ms",
         ),
