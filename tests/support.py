@@ -459,7 +459,8 @@ async def running_service(
         )
     finally:
         await channel.close()
-        await admin.close()
+        if admin is not channel:
+            await admin.close()
         await service.stop(grace=1.0)
 
 
