@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from tokensvc.bench.measures import Figure, Scale, broker_client, cold_fill, table
+from tokensvc.cli import main
 
 
 def test_a_figure_is_met_by_its_ratio_in_the_direction_of_its_goal() -> None:
@@ -37,3 +40,16 @@ async def test_the_cold_fill_measure_fills_every_server_and_times_a_broker_meanw
     filled, waiting = await cold_fill(Scale.quick())
     assert filled.value > 0 and filled.baseline > 0  # every server got its first token
     assert waiting.baseline > 0  # the bare POSTs it is measured against were timed
+
+
+def test_a_small_ratio_and_its_goal_keep_their_significant_digits() -> None:
+    text = table([Figure("RegisterServer", 354, 4751, "no-op server", 500 / 7230, True)])
+    row = text.splitlines()[1]
+    assert "0.075" in row and "≥ 0.069" in row and row.endswith("met")
+
+
+def test_bench_refuses_a_token_delay_out_of_range_naming_the_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bench", "--token-delay", "-1", "cold-fill"]) == 2
+    assert "--token-delay must be between 0 and 60 seconds" in capsys.readouterr().out

@@ -137,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="an empty PostgreSQL database (postgresql+asyncpg://...) for the replicas measure",
     )
+    bench.add_argument(
+        "--token-delay",
+        type=float,
+        default=0.1,
+        metavar="SECONDS",
+        help="how long the authorization server takes to answer a token request in the "
+        "cold fill: your identity provider's (default 0.1)",
+    )
 
     auth = commands.add_parser(
         "dev-authserver",
@@ -287,8 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             print(f"unknown measure {sorted(unknown)[0]!r}: use {', '.join(MEASURES)}")
             return 2
+        if not 0 <= args.token_delay <= 60:
+            print("--token-delay must be between 0 and 60 seconds")
+            return 2
         logs.configure("error")  # the table is the output
-        figures = asyncio.run(run(args.measures, args.quick, args.database_url))
+        figures = asyncio.run(run(args.measures, args.quick, args.database_url, args.token_delay))
         return 0 if all(figure.met for figure in figures) else 1
     if args.command == "dev-authserver":
         logs.configure()

@@ -29,10 +29,12 @@ from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 
 class AuthServerProcess:
     """tokensvc's demo authorization server, issuing tokens of ``lifetime``
-    seconds, in its own process; ``requests()`` counts token requests so far."""
+    seconds and answering each token request ``delay`` seconds after it came
+    (0: at once), in its own process; ``requests()`` counts token requests so far."""
 
-    def __init__(self, lifetime: float) -> None:
+    def __init__(self, lifetime: float, delay: float = 0.0) -> None:
         self._lifetime = lifetime
+        self._delay = delay
         self._conn: Connection | None = None
         self._process: Any = None
         self.token_endpoint = ""
@@ -40,7 +42,9 @@ class AuthServerProcess:
     async def __aenter__(self) -> Self:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, self._lifetime), daemon=True)
+        self._process = context.Process(
+            target=_serve, args=(child, self._lifetime, self._delay), daemon=True
+        )
         self._process.start()
         self.token_endpoint = await self._ask("url")
         return self
@@ -67,14 +71,14 @@ class AuthServerProcess:
             await asyncio.get_running_loop().run_in_executor(None, self._process.join, 10)
 
 
-def _serve(conn: Connection, lifetime: float) -> None:
-    asyncio.run(_serve_async(conn, lifetime))
+def _serve(conn: Connection, lifetime: float, delay: float) -> None:
+    asyncio.run(_serve_async(conn, lifetime, delay))
 
 
-async def _serve_async(conn: Connection, lifetime: float) -> None:
+async def _serve_async(conn: Connection, lifetime: float, delay: float) -> None:
     from tokensvc.demo.authserver import AuthServer, Behaviour
 
-    async with AuthServer(behaviour=Behaviour(lifetime=lifetime)) as auth:
+    async with AuthServer(behaviour=Behaviour(lifetime=lifetime, delay=delay)) as auth:
         auth.add_client(CLIENT_ID, SECRET)
         loop = asyncio.get_running_loop()
         while (command := await loop.run_in_executor(None, conn.recv)) != "stop":
