@@ -17,11 +17,15 @@ __all__ = ["MEASURES", "run"]
 
 
 async def run(
-    names: Sequence[str], quick: bool = False, database_url: str = "", token_delay: float = 0.1
+    names: Sequence[str],
+    quick: bool = False,
+    database_url: str = "",
+    token_delay: float | None = None,
 ) -> list[Figure]:
     """Runs the named measures (all if none) and prints the table; returns the figures."""
     scale = Scale.quick(database_url) if quick else Scale(database_url=database_url)
-    scale = replace(scale, fill_delay=token_delay)
+    if token_delay is not None:
+        scale = replace(scale, fill_delay=token_delay)
     figures: list[Figure] = []
     for name in names or list(MEASURES):
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
