@@ -28,7 +28,7 @@ from tokensvc.registration import Credential, CredentialKind, ServerSpec
 from tokensvc.registry import Registry
 from tokensvc.scheduler import Scheduler
 from tokensvc.store import Store, create_engine, migrate
-from tokensvc.token import Secret, utcnow
+from tokensvc.token import Secret, Token, utcnow
 
 from support import CLIENT_ID, SECRET, FakeClock, RecordingNetwork
 
@@ -64,6 +64,17 @@ def test_jitter_spreads_tokens_issued_together() -> None:
     rng = random.Random(1)
     times = {policy.refresh_at(T0, T0 + timedelta(hours=1), rng) for _ in range(100)}
     assert len(times) > 90
+
+
+def test_a_tokens_replacement_time_is_drawn_from_the_token_alone() -> None:
+    # Every replica, and this one after a restart, picks the same time for a
+    # token; tokens issued together still spread over the whole jitter.
+    lifetime = timedelta(seconds=100)
+    tokens = [Token(f"token-{i}", "Bearer", T0, T0 + lifetime) for i in range(300)]
+    offsets = [(RefreshPolicy().replace_at(t) - T0) / lifetime for t in tokens]
+    assert offsets == [(RefreshPolicy().replace_at(t) - T0) / lifetime for t in tokens]
+    assert all(0.45 <= offset < 0.55 for offset in offsets)
+    assert min(offsets) < 0.46 and max(offsets) > 0.54 and len(set(offsets)) == len(tokens)
 
 
 def test_a_per_server_fraction_overrides_the_default() -> None:
