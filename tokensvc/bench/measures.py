@@ -75,7 +75,18 @@ class Scale:
 
     @classmethod
     def quick(cls, database_url: str = "") -> Scale:
-        return cls(1.0, 50, 50, 4.0, 100, 0.2, 2, 6.0, 30, 4.0, database_url)
+        return cls(
+            seconds=1.0,
+            watchers=50,
+            servers=50,
+            refresh_lifetime=4.0,
+            fill_servers=100,
+            brokers=2,
+            broker_seconds=6.0,
+            replica_servers=30,
+            replica_lifetime=4.0,
+            database_url=database_url,
+        )
 
 
 def percentile(values: list[float], share: float) -> float:
