@@ -4,6 +4,8 @@ flight, compare-and-refresh, failures, revisions, restarts."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from support import (
     create_pg_database,
     drop_pg_database,
     error_info,
+    rotate,
     running_service,
     sha,
 )
@@ -200,6 +203,52 @@ async def test_a_token_near_expiry_is_replaced_and_min_valid_for_is_honoured(
         wanted = await h.tokens.GetToken(get(min_valid_for=Duration(seconds=30)))
         assert wanted.version == 2 and wanted.access_token != first.access_token
         assert auth.token_requests == 2
+
+
+async def test_a_repeated_call_is_served_until_the_token_is_not_fresh_enough_for_it(
+    tmp_path: Path, auth: AuthServer
+) -> None:
+    clock = FakeClock()
+    auth.behaviour.lifetime = 100
+    async with running_service(tmp_path, auth, clock=clock) as h:
+        await h.register()
+        wanting = get(min_valid_for=Duration(seconds=30))
+        assert (await h.tokens.GetToken(wanting)).version == 1
+        clock.advance(70)  # exactly 30 s left: still enough, as the first call was told
+        assert (await h.tokens.GetToken(wanting)).version == 1
+        clock.advance(1)
+        assert (await h.tokens.GetToken(wanting)).version == 2
+        assert auth.token_requests == 2
+
+
+async def test_a_repeated_call_gets_each_new_token_and_keeps_no_old_one_alive(
+    harness: Harness,
+) -> None:
+    await harness.register()
+    first = await harness.tokens.GetToken(get())
+    assert await harness.tokens.GetToken(get()) == first
+    # Held elsewhere for a while, as by an event on its way to a slow watcher.
+    elsewhere = harness.service.manager.cached("alpha")
+    old = weakref.ref(elsewhere)
+    second = await rotate(harness, first)
+    assert await harness.tokens.GetToken(get()) == second
+    del elsewhere
+    gc.collect()
+    assert old() is None  # neither its answer nor its serialized response outlive it
+    await harness.admin.DeleteServer(pb.DeleteServerRequest(id="alpha"))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await harness.tokens.GetToken(get())
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bytes_that_are_not_a_get_token_request_are_invalid_argument(
+    harness: Harness,
+) -> None:
+    call = harness.channel.unary_unary("/tokensvc.v1.TokenService/GetToken")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(b"\xff\xff\xff")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] == "request"
 
 
 async def test_an_outage_serves_the_valid_token_until_it_expires_then_unavailable(

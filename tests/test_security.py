@@ -26,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import tokensvc.audit
+from tokensvc.api.repeats import RepeatedCalls
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator
 from tokensvc.demo.authserver import AuthServer
@@ -437,6 +438,53 @@ async def test_keys_bootstrapped_by_the_cli_enforce_roles_and_server_patterns(
         # And without a key at all.
         call = tokens.WatchTokens(pb.WatchTokensRequest())
         assert (await stream_failure(call)).code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_call_repeating_an_answered_one_is_decided_for_its_own_credential(
+    tmp_path: Path, auth: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GetToken answers a call that repeats one already answered from what
+    that call concluded (tokensvc.api.repeats). The same bytes with another
+    credential, or after the caller's revocation, must be decided again."""
+    [(_, admin_key), (broker_a, key_a), (_, key_b)] = await bootstrap(
+        tmp_path / "data",
+        {"name": "admin", "roles": ["admin"]},
+        {"name": "broker-a", "roles": ["broker"], "patterns": ["alpha"]},
+        {"name": "broker-b", "roles": ["broker"], "patterns": ["beta"]},
+    )
+    answered: list[object] = []
+    answer = RepeatedCalls.answer
+
+    def spied(self: RepeatedCalls, key: Any) -> Any:
+        answered.append(result := answer(self, key))
+        return result
+
+    monkeypatch.setattr(RepeatedCalls, "answer", spied)
+    async with running_service(tmp_path / "data", auth) as harness:
+        await harness.register("alpha", metadata=bearer(admin_key))
+        request = pb.GetTokenRequest(server_id="alpha")
+        first = await harness.tokens.GetToken(request, metadata=bearer(key_a))
+        again = await harness.tokens.GetToken(request, metadata=bearer(key_a))
+        assert again == first and answered[-1] is not None  # answered as a repeat
+        tampered = key_a[:-2] + ("AA" if not key_a.endswith("AA") else "BB")
+        for metadata, code in (
+            (bearer(key_b), grpc.StatusCode.PERMISSION_DENIED),  # may not see alpha
+            (bearer(tampered), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", f"bearer {key_a} "),), None),  # the same key, written otherwise
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", "Bearer tsk_x"), *bearer(key_a)), None),  # the last one counts
+            ((*bearer(key_a), ("authorization", "Bearer tsk_x")), grpc.StatusCode.UNAUTHENTICATED),
+        ):
+            call = harness.tokens.GetToken(request, metadata=metadata)
+            if code is None:
+                assert (await call) == first
+            else:
+                assert (await failure(call)).code() == code
+        await harness.admin.RevokeCaller(
+            pb.RevokeCallerRequest(id=broker_a.id), metadata=bearer(admin_key)
+        )
+        error = await failure(harness.tokens.GetToken(request, metadata=bearer(key_a)))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 # --- 4. revocation -------------------------------------------------------------

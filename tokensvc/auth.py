@@ -112,6 +112,16 @@ def check_patterns(patterns: Iterable[str], field: str = "server_patterns") -> t
     return checked
 
 
+def _authorization(context: Any) -> str:
+    """The call's authorization metadata: the last one, as a dict of the
+    metadata would have it; "" if none."""
+    header = ""
+    for name, value in context.invocation_metadata() or ():
+        if name == "authorization":
+            header = value
+    return str(header)
+
+
 def _open_caller(peer: str) -> Caller:
     """Anyone, in open mode: every role, every server."""
     return Caller("", "local", "open", frozenset(Role), ("*",), peer)
@@ -192,6 +202,8 @@ class Authenticator:
         # (caller id, "" when open; peer) -> the record it was made of, and the caller
         self._callers: dict[tuple[str, str], tuple[CallerRecord | None, Caller]] = {}
         self._loaded_at = 0.0
+        # Bumped by every load: what was concluded about a call before it may no longer hold.
+        self.generation = 0
         self._ever = False  # a caller has existed (revoked ones included)
         self._lock = asyncio.Lock()
         self.used: dict[str, datetime] = {}  # last use per caller, flushed with the audit
@@ -221,6 +233,7 @@ class Authenticator:
         self._by_identity = {r.identity: r for r in records if r.kind == "certificate"}
         self._by_key_hash = {r.key_hash: r for r in records if r.key_hash is not None}
         self._callers = {}
+        self.generation += 1
         self._loaded_at = asyncio.get_running_loop().time()
 
     async def _reload_soon(self) -> None:
@@ -228,12 +241,26 @@ class Authenticator:
             if asyncio.get_running_loop().time() - self._loaded_at >= RELOAD_INTERVAL:
                 await self.load()
 
+    def credential(self, context: Any) -> tuple[str, str] | None:
+        """What :meth:`authenticate` decides a call's caller by, when that is
+        the call's metadata alone: its authorization header, or (open, with no
+        certificates asked for) its peer. None when a client certificate may
+        decide it, which is read afresh from each call's auth context."""
+        header = _authorization(context)
+        if header:
+            return header, ""
+        if self.open and not self._certificates:
+            return "", str(context.peer())
+        return None
+
+    def stamp(self, caller: Caller, now: datetime) -> None:
+        """``caller`` made a call at ``now`` (its last use, as stored)."""
+        if caller.kind != "open":
+            self.used[caller.id] = now
+
     async def authenticate(self, context: Any) -> Caller:
         peer = str(context.peer())
-        header = ""
-        for name, value in context.invocation_metadata() or ():
-            if name == "authorization":
-                header = value  # the last one, as a dict of the metadata would have it
+        header = _authorization(context)
         record: CallerRecord | None
         if header:
             record = await self._by_key(str(header))
@@ -256,8 +283,9 @@ class Authenticator:
             raise Unauthenticated(
                 "authenticate with a client certificate or 'authorization: Bearer <key>'"
             )
-        self.used[record.id] = self._clock()
-        return self._caller(record, peer)
+        caller = self._caller(record, peer)
+        self.stamp(caller, self._clock())
+        return caller
 
     def _caller(self, record: CallerRecord | None, peer: str) -> Caller:
         """The caller of ``record`` (None: open mode) on connection ``peer``,

@@ -205,7 +205,7 @@ class Service:
         shared = ConsumerStore(self.store.engine) if self.store.shared else None
         self.consumers = ConsumerRegistry(shared, origin, self.clock)
         self.consumers.start()
-        add_token_service(TokenServicer(self.manager, self.auth, self.audit), server)
+        add_token_service(TokenServicer(self.manager, self.auth, self.audit, self.clock), server)
         tokensvc_pb2_grpc.add_AdminServiceServicer_to_server(
             AdminServicer(
                 Registry(self.store, self.manager, self.egress, self.fetcher.fetch, assertions),

@@ -22,7 +22,12 @@ def fresh_enough(
     valid ``wanted`` from ``now``, where asking for more than half the lifetime
     counts as asking for half (or every call on short-lived tokens would be a
     fetch, as every refresh comes at about half the lifetime)."""
-    return expires_at - now >= min(wanted, (expires_at - issued_at) / 2)
+    return now <= fresh_until(issued_at, expires_at, wanted)
+
+
+def fresh_until(issued_at: datetime, expires_at: datetime, wanted: timedelta) -> datetime:
+    """The last moment at which a token is :func:`fresh_enough` for ``wanted``."""
+    return expires_at - min(wanted, (expires_at - issued_at) / 2)
 
 
 def jwt_expiry(text: str) -> datetime | None:
@@ -109,6 +114,9 @@ class Token:
 
     def fresh_enough(self, wanted: timedelta, now: datetime) -> bool:
         return fresh_enough(self.issued_at, self.expires_at, wanted, now)
+
+    def fresh_until(self, wanted: timedelta) -> datetime:
+        return fresh_until(self.issued_at, self.expires_at, wanted)
 
 
 @dataclass(frozen=True, slots=True, weakref_slot=True)

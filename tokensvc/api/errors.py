@@ -43,9 +43,9 @@ def handles_errors(
     INTERNAL with no detail (its message could hold anything)."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: Context) -> R:
+    async def wrapper(self: Any, request: Any, context: Context, *more: Any) -> R:
         try:
-            return await method(self, request, context)
+            return await method(self, request, context, *more)
         except TokenSvcError as exc:
             await abort(context, exc)
         except (grpc.aio.AbortError, KeyboardInterrupt):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from google.protobuf.message import DecodeError
+
 from tokensvc import metrics
 from tokensvc.api.convert import duration, event_to_proto, synced
 from tokensvc.api.errors import Context, abort, handles_errors
+from tokensvc.api.repeats import Key, RepeatedCalls
 from tokensvc.api.wire import TokenWire
 from tokensvc.audit import AuditLog
 from tokensvc.auth import Authenticator, Caller, Role
@@ -15,6 +18,7 @@ from tokensvc.errors import InvalidArgument, PermissionDenied, TokenSvcError, Un
 from tokensvc.events import TokenIssued
 from tokensvc.manager import TokenManager
 from tokensvc.registration import validate_server_id
+from tokensvc.token import Clock
 from tokensvc.v1 import tokensvc_pb2 as pb
 from tokensvc.v1 import tokensvc_pb2_grpc as pb_grpc
 from tokensvc.watch import MAX_WATCHED, CallerRevoked, Synced
@@ -28,14 +32,32 @@ def _visible(caller: Caller, server_id: str) -> None:
 
 
 class TokenServicer(pb_grpc.TokenServiceServicer):
-    def __init__(self, manager: TokenManager, auth: Authenticator, audit: AuditLog) -> None:
+    def __init__(
+        self, manager: TokenManager, auth: Authenticator, audit: AuditLog, clock: Clock
+    ) -> None:
         self._manager = manager
         self._auth = auth
         self._audit = audit
         self._wire = TokenWire()
+        self._repeats = RepeatedCalls(manager, auth, clock)
+
+    async def GetToken(self, raw: bytes, context: Context) -> bytes:
+        """``raw``: the request's bytes (see add_token_service). A call like
+        one that succeeded before is answered as it was (RepeatedCalls)."""
+        key = self._auth.credential(context)
+        if key is not None:
+            repeated = self._repeats.answer((*key, raw))
+            if repeated is not None:
+                return self._wire.token(repeated)
+        return await self._get_token(raw, context, None if key is None else (*key, raw))
 
     @handles_errors
-    async def GetToken(self, request: pb.GetTokenRequest, context: Context) -> bytes:
+    async def _get_token(self, raw: bytes, context: Context, key: Key | None) -> bytes:
+        generation = self._auth.generation
+        try:
+            request = pb.GetTokenRequest.FromString(raw)
+        except DecodeError:
+            raise InvalidArgument("request", "is not a GetTokenRequest message") from None
         caller = await self._auth.require(context, Role.BROKER)
         validate_server_id(request.server_id, "server_id")
         _visible(caller, request.server_id)
@@ -49,6 +71,8 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
             wanted = duration(request.min_valid_for, "min_valid_for", wanted)
         held = await self._manager.get_token(request.server_id, wanted, rejected)
         self._audit.issued(caller, held.server_id, held.version)
+        if key is not None and not rejected:
+            self._repeats.remember(key, generation, caller, held, wanted)
         return self._wire.token(held)  # pb.Token, serialized once per token
 
     async def WatchTokens(

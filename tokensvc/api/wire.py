@@ -8,7 +8,9 @@ stream until the manager lets go of it; they are forgotten as soon as nothing
 holds the token any more (a rotation, a new revision, a deletion), so that no
 copy of an access token outlives the token itself. TokenService is registered
 without response serializers for that (:func:`add_token_service`): its
-methods return these bytes.
+methods return these bytes. GetToken has no request deserializer either: a
+call that repeats one already answered is recognised by its bytes
+(tokensvc.api.repeats) and never parsed.
 
 Every service is served through its generic handler alone
 (:func:`generic_handlers_only`): for each call it accepts, grpc.aio (1.85)
@@ -98,7 +100,7 @@ def add_token_service(servicer: Any, server: grpc.aio.Server) -> None:
     handlers = {
         "GetToken": grpc.unary_unary_rpc_method_handler(
             servicer.GetToken,
-            request_deserializer=pb.GetTokenRequest.FromString,
+            request_deserializer=None,  # parsed by GetToken, unless a repeat
             response_serializer=None,  # bytes already
         ),
         "WatchTokens": grpc.unary_stream_rpc_method_handler(
