@@ -44,21 +44,35 @@ async def in_process_async(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, in_process, function, *args)
 
 
+Metadata = tuple[tuple[str, str], ...]
+
+
 def unary(
-    target: str, method: str, requests: list[bytes], seconds: float, concurrency: int
+    target: str,
+    method: str,
+    requests: list[bytes],
+    seconds: float,
+    concurrency: int,
+    metadata: Metadata = (),
 ) -> tuple[int, list[float]]:
     """``concurrency`` callers calling ``method`` back to back for ``seconds``,
-    cycling through ``requests`` (raw bytes). Returns (calls, latencies in s)."""
-    return asyncio.run(_unary(target, method, requests, seconds, concurrency))
+    cycling through ``requests`` (raw bytes), each call with ``metadata``.
+    Returns (calls, latencies in s)."""
+    return asyncio.run(_unary(target, method, requests, seconds, concurrency, metadata))
 
 
 async def _unary(
-    target: str, method: str, requests: list[bytes], seconds: float, concurrency: int
+    target: str,
+    method: str,
+    requests: list[bytes],
+    seconds: float,
+    concurrency: int,
+    metadata: Metadata,
 ) -> tuple[int, list[float]]:
     latencies: list[float] = []
     async with grpc.aio.insecure_channel(target) as channel:
         call = channel.unary_unary(method)  # bytes in, bytes out: the same cost for both servers
-        await call(requests[0])  # connected before the clock starts
+        await call(requests[0], metadata=metadata)  # connected before the clock starts
         deadline = time.perf_counter() + seconds
         taken = iter(range(1, 1 << 62))
 
@@ -66,7 +80,7 @@ async def _unary(
             while time.perf_counter() < deadline:
                 request = requests[next(taken) % len(requests)]
                 started = time.perf_counter()
-                await call(request)
+                await call(request, metadata=metadata)
                 latencies.append(time.perf_counter() - started)
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
@@ -165,16 +179,14 @@ async def _fill(
     return elapsed, probes
 
 
-def watch(target: str, streams: int, versions: int, metadata: tuple[tuple[str, str], ...]) -> Any:
+def watch(target: str, streams: int, versions: int, metadata: Metadata) -> Any:
     """Opens ``streams`` WatchTokens streams and reads each until ``versions``
     newer tokens have come after its ``synced``; returns every such token's
     delay from its ``issued_at`` to its arrival on the stream, in seconds."""
     return asyncio.run(_watch(target, streams, versions, metadata))
 
 
-async def _watch(
-    target: str, streams: int, versions: int, metadata: tuple[tuple[str, str], ...]
-) -> list[float]:
+async def _watch(target: str, streams: int, versions: int, metadata: Metadata) -> list[float]:
     delays: list[float] = []
     channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, streams // 100))]
     synced = 0

@@ -99,7 +99,12 @@ async def hot_path(scale: Scale) -> list[Figure]:
     and does nothing else; best of three rounds each, alternating."""
     async with AuthServerProcess(3600) as auth, tokensvc(auth) as rig:
         await rig.register(["bench"])
-        token = await rig.tokens.GetToken(pb.GetTokenRequest(server_id="bench"))
+        # A broker with a key of its own, as in production (no longer open mode).
+        created = await rig.admin.CreateCaller(
+            pb.CreateCallerRequest(name="bench-broker", roles=["broker"])
+        )
+        metadata = (("authorization", f"Bearer {created.key}"),)
+        token = await rig.tokens.GetToken(pb.GetTokenRequest(server_id="bench"), metadata=metadata)
         noop = NoopServer(token.SerializeToString())
         noop_target = await noop.start()
         request = [pb.GetTokenRequest(server_id="bench").SerializeToString()]
@@ -113,12 +118,12 @@ async def hot_path(scale: Scale) -> list[Figure]:
                 for name, target in (("noop", noop_target), ("tokensvc", rig.target)):
                     started = time.process_time()
                     calls, _ = await load.in_process_async(
-                        load.unary, target, GET_TOKEN, request, scale.seconds, 8
+                        load.unary, target, GET_TOKEN, request, scale.seconds, 8, metadata
                     )
                     cpu[name] = min(cpu[name], (time.process_time() - started) / max(1, calls))
                     rate[name] = max(rate[name], calls / scale.seconds)
                     _, latencies = await load.in_process_async(
-                        load.unary, target, GET_TOKEN, request, scale.seconds, 2
+                        load.unary, target, GET_TOKEN, request, scale.seconds, 2, metadata
                     )
                     p99[name] = min(p99[name], percentile(latencies, 0.99) * 1000)
         finally:
