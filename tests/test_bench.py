@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from tokensvc.bench.measures import Figure, Scale, broker_client, cold_fill, table
+from tokensvc.bench.measures import Figure, Scale, broker_client, cold_fill, hot_path, table
 from tokensvc.cli import main
 
 
@@ -20,6 +20,17 @@ def test_a_figure_is_met_by_its_ratio_in_the_direction_of_its_goal() -> None:
     assert slower.met and not replace(slower, value=1.6).met
     assert Figure("trips", 0, 120, "all calls", 0.0).met
     assert not Figure("trips", 1, 120, "all calls", 0.0).met
+    # Measured in rounds: the median of the rounds' ratios decides, not value ÷ baseline.
+    paired = replace(faster, value=850, paired=0.93)
+    assert paired.ratio == 0.93 and paired.met
+    assert not replace(faster, paired=0.85).met
+
+
+async def test_the_hot_path_runs_as_a_broker_with_a_key_in_rounds_with_the_no_op_server() -> None:
+    rate, p99, cpu = await hot_path(Scale.quick())
+    for figure in (rate, p99, cpu):
+        assert figure.value > 0 and figure.baseline > 0 and figure.paired is not None
+    assert rate.unit == "calls/s" and p99.unit == "ms" and cpu.unit == "µs CPU"
 
 
 def test_the_table_shows_value_baseline_ratio_and_verdict() -> None:

@@ -1,5 +1,5 @@
 """The client side of the benchmarks. Each function runs in a process of its
-own (``in_process``), so that the load and the server under test do not share
+own (``LoadProcess``), so that the load and the server under test do not share
 an event loop or a GIL: on a two-core machine, one core each."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import base64
 import multiprocessing
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Self
 
 import grpc
 import httpx2
@@ -32,16 +32,31 @@ def token_request() -> tuple[dict[str, str], str]:
     return headers, body
 
 
-def in_process(function: Callable[..., Any], *args: Any) -> Any:
-    """Runs ``function(*args)`` in a fresh process (spawn: gRPC does not survive
-    fork) and returns its result. Blocking: call it through ``run_in_executor``."""
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(function, args)
+class LoadProcess:
+    """A process of its own (spawn: gRPC does not survive fork) that runs load
+    functions, one at a time; started once, so that many short runs do not
+    each wait for an interpreter to start."""
+
+    def __init__(self) -> None:
+        self._pool = multiprocessing.get_context("spawn").Pool(1)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+    async def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the process, and its result."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._pool.apply, function, args)
 
 
 async def in_process_async(function: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, in_process, function, *args)
+    """``function(*args)`` in a process started for it."""
+    with LoadProcess() as process:
+        return await process.run(function, *args)
 
 
 Metadata = tuple[tuple[str, str], ...]
