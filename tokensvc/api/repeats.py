@@ -56,9 +56,6 @@ class RepeatedCalls:
         self._clock = clock
         self._concluded: dict[Key, _Concluded] = {}
 
-    def __len__(self) -> int:
-        return len(self._concluded)
-
     def answer(self, key: Key) -> ServerToken | None:
         """The token a call identified by ``key`` gets, if concluded already."""
         concluded = self._concluded.get(key)
