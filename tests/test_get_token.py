@@ -30,6 +30,7 @@ from support import (
     create_pg_database,
     drop_pg_database,
     error_info,
+    eventually,
     rotate,
     running_service,
     sha,
@@ -239,6 +240,34 @@ async def test_a_repeated_call_gets_each_new_token_and_keeps_no_old_one_alive(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await harness.tokens.GetToken(get())
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_fifty_brokers_repeating_calls_through_rotations_never_get_an_older_token(
+    harness: Harness,
+) -> None:
+    """Each call gets at least the token held when it was sent, however many
+    repeats are answered from an earlier conclusion meanwhile."""
+    harness.auth.behaviour.lifetime = 2  # a rotation about every second
+    await harness.register()
+    await harness.tokens.GetToken(get())
+    served: list[tuple[int, int]] = []  # (version held when sent, version got)
+    rotating = True
+
+    async def broker() -> None:
+        while rotating:
+            floor = harness.service.manager.cached("alpha")
+            assert floor is not None
+            served.append((floor.version, (await harness.tokens.GetToken(get())).version))
+
+    brokers = [asyncio.ensure_future(broker()) for _ in range(50)]
+    try:
+        await eventually(lambda: bool(served) and served[-1][1] >= 6)
+    finally:
+        rotating = False
+        await asyncio.gather(*brokers)
+    assert all(got >= floor for floor, got in served)
+    assert {1, 2, 3, 4, 5, 6} <= {got for _, got in served}  # each token was served
+    assert len(served) > 500  # many calls, through every rotation
 
 
 async def test_bytes_that_are_not_a_get_token_request_are_invalid_argument(
