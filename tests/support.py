@@ -324,6 +324,23 @@ def bearer(key: str) -> Metadata:
     return (("authorization", f"Bearer {key}"),)
 
 
+class CallContext:
+    """What Authenticator reads of a grpc.aio call: its peer and its metadata
+    (the key's, if any)."""
+
+    def __init__(self, peer: str, key: str = "") -> None:
+        self._peer, self._metadata = peer, bearer(key) if key else ()
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> Metadata:
+        return self._metadata
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {}
+
+
 def registration(
     auth: AuthServer, server_id: str = "alpha", secret: str | None = SECRET, **fields: Any
 ) -> pb.RegisterServerRequest:

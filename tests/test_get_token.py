@@ -13,8 +13,10 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from tokensvc.api import repeats
 from tokensvc.api.convert import token_to_proto
 from tokensvc.api.wire import TokenWire
+from tokensvc.auth import Role
 from tokensvc.demo.authserver import AuthServer, Behaviour
 from tokensvc.errors import AuthorizationServerUnavailable
 from tokensvc.store import create_engine, migrate
@@ -25,6 +27,7 @@ from tokensvc.v1 import tokensvc_pb2 as pb
 from support import (
     CLIENT_ID,
     SECRET,
+    CallContext,
     FakeClock,
     Harness,
     create_pg_database,
@@ -268,6 +271,27 @@ async def test_fifty_brokers_repeating_calls_through_rotations_never_get_an_olde
     assert all(got >= floor for floor, got in served)
     assert {1, 2, 3, 4, 5, 6} <= {got for _, got in served}  # each token was served
     assert len(served) > 500  # many calls, through every rotation
+
+
+async def test_at_most_max_remembered_conclusions_are_kept_the_oldest_going_first(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repeats, "MAX_REMEMBERED", 3)
+    held = []
+    for server_id in ("alpha", "beta", "gamma", "delta"):
+        await harness.register(server_id)
+        await harness.tokens.GetToken(get(server_id))
+        token = harness.service.manager.cached(server_id)
+        assert token is not None
+        held.append(token)
+    service = harness.service
+    remembered = repeats.RepeatedCalls(service.manager, service.auth, service.clock)
+    caller = await service.auth.require(CallContext("ipv4:127.0.0.1:1"), Role.BROKER)
+    keys = [("", "peer", get(t.server_id).SerializeToString()) for t in held]
+    for key, token in zip(keys, held, strict=True):
+        remembered.remember(key, service.auth.generation, caller, token, timedelta(seconds=5))
+    assert remembered.answer(keys[0]) is None  # the oldest went to make room
+    assert [remembered.answer(key) for key in keys[1:]] == held[1:]
 
 
 async def test_bytes_that_are_not_a_get_token_request_are_invalid_argument(

@@ -44,6 +44,7 @@ from certs import CertificateAuthority, Issued, expired
 from replicas import TOKENSVC
 from support import (
     SECRET,
+    CallContext,
     Harness,
     Watcher,
     bearer,
@@ -551,22 +552,6 @@ async def test_revoking_a_broker_refuses_its_next_call_and_ends_its_open_stream(
         callers = await admin.ListCallers(pb.ListCallersRequest(), metadata=admin_md)
         state = {c.name: c.HasField("revoke_time") for c in callers.callers}
         assert state == {"admin": False, "broker": True, "other-broker": False}
-
-
-class CallContext:
-    """What Authenticator reads of a grpc.aio call: its peer and its metadata."""
-
-    def __init__(self, peer: str, key: str) -> None:
-        self._peer, self._metadata = peer, (("authorization", f"Bearer {key}"),)
-
-    def peer(self) -> str:
-        return self._peer
-
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return self._metadata
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {}
 
 
 async def test_a_key_is_remembered_per_connection_until_a_revocation_reloads_the_callers(
