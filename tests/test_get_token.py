@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,6 +40,20 @@ from support import (
     running_service,
     sha,
 )
+
+
+@asynccontextmanager
+async def on_a_fake_clock(
+    tmp_path: Path, auth: AuthServer, lifetime: int | None = None
+) -> AsyncIterator[tuple[Harness, FakeClock]]:
+    """A service on a FakeClock, with "alpha" registered (its tokens living
+    ``lifetime`` s, if given), and the clock."""
+    clock = FakeClock()
+    if lifetime is not None:
+        auth.behaviour.lifetime = lifetime
+    async with running_service(tmp_path, auth, clock=clock) as h:
+        await h.register()
+        yield h, clock
 
 
 def get(server_id: str = "alpha", **fields: object) -> pb.GetTokenRequest:
@@ -160,9 +176,7 @@ async def test_fifty_reports_of_the_current_token_make_one_request(harness: Harn
 async def test_brokers_reporting_every_token_rejected_force_one_refresh_per_interval(
     tmp_path: Path, auth: AuthServer
 ) -> None:
-    clock = FakeClock()
-    async with running_service(tmp_path, auth, clock=clock) as h:
-        await h.register()
+    async with on_a_fake_clock(tmp_path, auth) as (h, clock):
         first = await h.tokens.GetToken(get())
 
         async def broker(held: pb.Token) -> set[str]:
@@ -193,10 +207,7 @@ async def test_brokers_reporting_every_token_rejected_force_one_refresh_per_inte
 async def test_a_token_near_expiry_is_replaced_and_min_valid_for_is_honoured(
     tmp_path: Path, auth: AuthServer
 ) -> None:
-    clock = FakeClock()
-    auth.behaviour.lifetime = 100
-    async with running_service(tmp_path, auth, clock=clock) as h:
-        await h.register()
+    async with on_a_fake_clock(tmp_path, auth, lifetime=100) as (h, clock):
         first = await h.tokens.GetToken(get())
         clock.advance(40)  # 60 s left: fine by default (5 s)
         assert (await h.tokens.GetToken(get())).version == 1
@@ -212,10 +223,7 @@ async def test_a_token_near_expiry_is_replaced_and_min_valid_for_is_honoured(
 async def test_a_repeated_call_is_served_until_the_token_is_not_fresh_enough_for_it(
     tmp_path: Path, auth: AuthServer
 ) -> None:
-    clock = FakeClock()
-    auth.behaviour.lifetime = 100
-    async with running_service(tmp_path, auth, clock=clock) as h:
-        await h.register()
+    async with on_a_fake_clock(tmp_path, auth, lifetime=100) as (h, clock):
         wanting = get(min_valid_for=Duration(seconds=30))
         assert (await h.tokens.GetToken(wanting)).version == 1
         clock.advance(70)  # exactly 30 s left: still enough, as the first call was told
@@ -307,10 +315,7 @@ async def test_bytes_that_are_not_a_get_token_request_are_invalid_argument(
 async def test_an_outage_serves_the_valid_token_until_it_expires_then_unavailable(
     tmp_path: Path, auth: AuthServer
 ) -> None:
-    clock = FakeClock()
-    auth.behaviour.lifetime = 100
-    async with running_service(tmp_path, auth, clock=clock) as h:
-        await h.register()
+    async with on_a_fake_clock(tmp_path, auth, lifetime=100) as (h, clock):
         first = await h.tokens.GetToken(get())
         auth.behaviour.fail_status = 500
         clock.advance(97)  # 3 s left: a refresh is due, and fails
