@@ -44,12 +44,13 @@ class TokenServicer(pb_grpc.TokenServiceServicer):
     async def GetToken(self, raw: bytes, context: Context) -> bytes:
         """``raw``: the request's bytes (see add_token_service). A call like
         one that succeeded before is answered as it was (RepeatedCalls)."""
-        key = self._auth.credential(context)
+        credential = self._auth.credential(context)
+        key = None if credential is None else (*credential, raw)
         if key is not None:
-            repeated = self._repeats.answer((*key, raw))
+            repeated = self._repeats.answer(key)
             if repeated is not None:
                 return self._wire.token(repeated)
-        return await self._get_token(raw, context, None if key is None else (*key, raw))
+        return await self._get_token(raw, context, key)
 
     @handles_errors
     async def _get_token(self, raw: bytes, context: Context, key: Key | None) -> bytes:

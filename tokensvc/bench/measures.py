@@ -147,7 +147,14 @@ async def hot_path(scale: Scale) -> list[Figure]:
         finally:
             await noop.stop()
 
-    def figure(index: int, measure: str, goal: float, unit: str, factor: float = 1.0) -> Figure:
+    def figure(
+        index: int,
+        measure: str,
+        goal: float,
+        unit: str,
+        factor: float = 1.0,
+        at_least: bool = False,
+    ) -> Figure:
         ours, theirs = ([r[index] for r in rounds[name]] for name in targets)
         return Figure(
             measure,
@@ -155,13 +162,13 @@ async def hot_path(scale: Scale) -> list[Figure]:
             statistics.median(theirs) * factor,
             "no-op grpc.aio server",
             goal,
-            at_least=index == 0,
+            at_least=at_least,
             unit=unit,
             paired=statistics.median(a / b for a, b in zip(ours, theirs, strict=True)),
         )
 
     return [
-        figure(0, "GetToken cache hit, 8 in flight", 0.90, "calls/s"),
+        figure(0, "GetToken cache hit, 8 in flight", 0.90, "calls/s", at_least=True),
         figure(2, "GetToken p99 at 2 in flight", 1.5, "ms", 1000),
         figure(1, "GetToken cache hit, CPU per call at 8 in flight", 1.15, "µs CPU", 1e6),
     ]
