@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -51,6 +52,7 @@ from support import (
     bootstrap,
     callers_of,
     error_info,
+    forms,
     registration,
     running_service,
 )
@@ -442,7 +444,10 @@ async def test_keys_bootstrapped_by_the_cli_enforce_roles_and_server_patterns(
 
 
 async def test_a_call_repeating_an_answered_one_is_decided_for_its_own_credential(
-    tmp_path: Path, auth: AuthServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    auth: AuthServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """GetToken answers a call that repeats one already answered from what
     that call concluded (tokensvc.api.repeats). The same bytes with another
@@ -461,6 +466,8 @@ async def test_a_call_repeating_an_answered_one_is_decided_for_its_own_credentia
         return result
 
     monkeypatch.setattr(RepeatedCalls, "answer", spied)
+    caplog.set_level(logging.DEBUG)
+    errors: list[str] = []
     async with running_service(tmp_path / "data", auth) as harness:
         await harness.register("alpha", metadata=bearer(admin_key))
         request = pb.GetTokenRequest(server_id="alpha")
@@ -480,12 +487,22 @@ async def test_a_call_repeating_an_answered_one_is_decided_for_its_own_credentia
             if code is None:
                 assert (await call) == first
             else:
-                assert (await failure(call)).code() == code
+                refused = await failure(call)
+                assert refused.code() == code
+                errors.append(repr(refused) + str(refused.trailing_metadata()))
         await harness.admin.RevokeCaller(
             pb.RevokeCallerRequest(id=broker_a.id), metadata=bearer(admin_key)
         )
         error = await failure(harness.tokens.GetToken(request, metadata=bearer(key_a)))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        errors.append(repr(error) + str(error.trailing_metadata()))
+    # No key, refused or not, in an error, the log or the data dir (keys are kept as digests).
+    at_rest = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
+    for key in (admin_key, key_a, key_b, tampered):
+        for form in forms(key):
+            assert form not in at_rest
+            assert form.decode() not in caplog.text
+            assert all(form.decode() not in e for e in errors)
 
 
 # --- 4. revocation -------------------------------------------------------------
