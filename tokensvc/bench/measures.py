@@ -148,14 +148,10 @@ async def hot_path(scale: Scale) -> list[Figure]:
             await noop.stop()
 
     def figure(
-        index: int,
-        measure: str,
-        goal: float,
-        unit: str,
-        factor: float = 1.0,
-        at_least: bool = False,
+        i: int, measure: str, goal: float, unit: str, factor: float = 1.0, at_least: bool = False
     ) -> Figure:
-        ours, theirs = ([r[index] for r in rounds[name]] for name in targets)
+        """The figure of the rounds' ``i``-th measurement."""
+        ours, theirs = ([r[i] for r in rounds[name]] for name in targets)
         return Figure(
             measure,
             statistics.median(ours) * factor,
