@@ -23,6 +23,7 @@ from urllib.parse import quote, quote_plus
 
 import asyncpg
 import grpc
+import h11
 import httpcore2
 import httpx2
 import pytest
@@ -281,6 +282,92 @@ class _StallableStream(httpcore2.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+class HandlerNetwork(httpcore2.AsyncNetworkBackend):
+    """A network whose every connection is answered by ``handler``, for what
+    no real authorization server sends (an endless body, a redirect,
+    cookies). Each request is read, and its answer written, by h11 as a
+    server would; the body an answer streams arrives one chunk per read, as
+    a slow server's would. ``connects`` records every address connected to."""
+
+    def __init__(self, handler: Callable[[httpx2.Request], httpx2.Response]) -> None:
+        self.handler = handler
+        self.connects: list[str] = []
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore2's signature)
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        self.connects.append(host)
+        return _HandlerStream(self.handler, f"{host}:{port}")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class _HandlerStream(httpcore2.AsyncNetworkStream):
+    def __init__(self, handler: Callable[[httpx2.Request], httpx2.Response], where: str) -> None:
+        self._handler, self._where = handler, where
+        self._server = h11.Connection(h11.SERVER)
+        self._request: h11.Request | None = None
+        self._body = b""
+        self._pending = b""
+        self._answer: AsyncIterator[bytes] | None = None
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if self._answer is not None:  # the client read its answer: what is left frames nothing
+            async for _ in self._answer:
+                pass
+        self._server.receive_data(buffer)
+        while (event := self._server.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+            if isinstance(event, h11.Request):
+                self._request, self._body = event, b""
+            elif isinstance(event, h11.Data):
+                self._body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self._answer = self._respond()
+                return
+
+    async def _respond(self) -> AsyncIterator[bytes]:
+        assert self._request is not None
+        request = httpx2.Request(
+            self._request.method.decode(),
+            f"http://{self._where}{self._request.target.decode()}",
+            headers=[(k.decode(), v.decode()) for k, v in self._request.headers],
+            content=self._body,
+        )
+        response = self._handler(request)
+        headers = [
+            (k, v) for k, v in response.headers.raw if k.lower() != b"transfer-encoding"
+        ]  # h11 frames a body without a length itself
+        yield self._server.send(h11.Response(status_code=response.status_code, headers=headers))
+        assert isinstance(response.stream, httpx2.AsyncByteStream)
+        async for chunk in response.stream:
+            yield self._server.send(h11.Data(data=chunk))
+        end = self._server.send(h11.EndOfMessage())
+        if self._server.our_state is h11.DONE and self._server.their_state is h11.DONE:
+            self._server.start_next_cycle()  # before the client can send the next request
+        yield end
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        while not self._pending and self._answer is not None:  # b"" would be the end
+            if not (chunk := await anext(self._answer, None)):
+                self._answer = None if chunk is None else self._answer
+                continue
+            self._pending = chunk
+        data, self._pending = self._pending[:max_bytes], self._pending[max_bytes:]
+        return data
+
+    async def aclose(self) -> None:
+        self._answer = None
+
+    def get_extra_info(self, info: str) -> Any:
+        return False if info == "is_readable" else None
 
 
 def scripted_egress(resolver: ScriptedResolver, network: RecordingNetwork, **policy: Any) -> Egress:

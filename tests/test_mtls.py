@@ -29,7 +29,7 @@ from tokensvc import logs
 from tokensvc.client_cert import bundle
 from tokensvc.demo.authserver import AuthServer
 from tokensvc.demo.mcpserver import ProtectedMCPServer
-from tokensvc.egress import Egress, pools
+from tokensvc.egress import Egress, http11
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -189,10 +189,11 @@ async def test_concurrent_requests_with_certificates_evicting_each_other_get_the
     pki: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """One pool slot for two certificates: each request evicts the other's
-    pool while its requests are in flight. None may fail, none may get the
-    other client's token, and no retired pool is left open."""
-    monkeypatch.setattr(pools, "MAX_POOLS", 1)
+    """Room for one destination, two certificates: each request evicts the
+    other's destination while its requests are in flight. None may fail,
+    none may get the other client's token, and no connection of an evicted
+    destination is left open."""
+    monkeypatch.setattr(http11, "MAX_DESTINATIONS", 1)
     fetcher = TokenFetcher(Egress(ca_file=pki["server_ca"].path))
     clients = [(TLS_CLIENT, "client"), (SELF_SIGNED, "self_signed")] * 40
     try:
@@ -202,9 +203,10 @@ async def test_concurrent_requests_with_certificates_evicting_each_other_get_the
                 for client, issued in clients
             )
         )
-        pinned = fetcher._poster._transport._inner
-        # Every evicted pool was closed once its last response was read.
-        assert len(pinned._pools) == 1 and pinned._retired == []
+        poster = fetcher._poster
+        # Each connection of an evicted destination was closed once its answer was read.
+        [kept] = poster._destinations.values()
+        assert kept.idle and poster.open_connections == len(kept.idle)
     finally:
         await fetcher.aclose()
     got = [header_and_claims(token.access_token)[1]["client_id"] for token in tokens]
@@ -320,6 +322,30 @@ async def test_a_private_ca_is_refused_until_outbound_ca_file_names_it_and_its_c
         # A file that stops parsing keeps the trust that worked.
         ca_file.write_text("not a certificate")
         assert await fetcher.fetch(server, secret)
+    finally:
+        await fetcher.aclose()
+
+
+async def test_a_ca_taken_out_of_outbound_ca_file_is_no_longer_trusted_by_kept_connections(
+    provider: OidcProvider, mcp: ProtectedMCPServer, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    """A kept-alive connection was verified under the old trust: the next
+    request after the CA file changed goes on a new connection, verified anew."""
+    server = spec(provider, mcp, client_id=SECRET_CLIENT)
+    secret = Credential(CredentialKind.CLIENT_SECRET, Secret(SECRET))
+    ca_file = tmp_path / "outbound-ca.pem"
+    ca_file.write_bytes(pki["server_ca"].pem)
+    fetcher = TokenFetcher(Egress(ca_file=ca_file))
+    try:
+        assert await fetcher.fetch(server, secret)
+        assert await fetcher.fetch(server, secret)
+        assert fetcher._poster.open_connections == 1  # kept alive and used again
+        replacement = tmp_path / "outbound-ca.pem.new"
+        replacement.write_bytes(pki["unrelated_ca"].pem)
+        replacement.replace(ca_file)
+        with pytest.raises(AuthorizationServerUnavailable, match="TLS certificate is not trusted"):
+            await fetcher.fetch(server, secret)
+        assert fetcher._poster.open_connections == 0
     finally:
         await fetcher.aclose()
 

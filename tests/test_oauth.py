@@ -3,7 +3,8 @@
 Most tests run the real fetcher against ``AuthServer`` (authlib's server side,
 served by uvicorn on 127.0.0.1) and assert what went over the wire. A few wire
 shapes that the real server cannot produce (an opaque token, a body that never
-ends, a redirect, cookies) use an ``httpx2.MockTransport`` instead; each of
+ends, a redirect, cookies) are answered by a handler on a fake network
+(``HandlerNetwork``) instead, still read by the real HTTP/1.1 client; each of
 those says so in its docstring.
 """
 
@@ -42,7 +43,7 @@ from tokensvc.registration import (
 )
 from tokensvc.token import Secret, Token
 
-from support import CLIENT_ID, SECRET, FakeClock
+from support import CLIENT_ID, SECRET, FakeClock, HandlerNetwork
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 MOCK_ENDPOINT = "http://127.0.0.1:9/token"
@@ -92,7 +93,7 @@ def mock_fetcher(
     max_response_bytes: int = 65536,
     **kwargs: object,
 ) -> TokenFetcher:
-    egress = Egress(transport=httpx2.MockTransport(handler), max_response_bytes=max_response_bytes)
+    egress = Egress(network=HandlerNetwork(handler), max_response_bytes=max_response_bytes)
     return TokenFetcher(egress, **kwargs)  # type: ignore[arg-type]
 
 
@@ -254,7 +255,7 @@ async def test_missing_expires_in_with_an_expired_jwt_uses_the_default_lifetime(
 async def test_an_opaque_token_without_usable_expires_in_gets_the_default_lifetime(
     expires_in: object,
 ) -> None:
-    """MockTransport: the real server only issues JWTs."""
+    """A handler: the real server only issues JWTs."""
     body: dict[str, object] = {"access_token": "opaque-abc", "token_type": "bearer"}
     if expires_in != "absent":
         body["expires_in"] = expires_in
@@ -271,7 +272,7 @@ async def test_an_opaque_token_without_usable_expires_in_gets_the_default_lifeti
 
 
 async def test_a_huge_expires_in_is_capped_instead_of_overflowing() -> None:
-    """MockTransport: the real server cannot send an absurd lifetime."""
+    """A handler: the real server cannot send an absurd lifetime."""
     body = {"access_token": "opaque", "expires_in": 1e300}
 
     token = await mock_fetch(lambda r: httpx2.Response(200, json=body), clock=FakeClock(T0))
@@ -399,7 +400,7 @@ async def test_private_key_jwt_sends_a_signed_assertion_and_no_secret(
     expected_alg: str,
     expected_aud: str,
 ) -> None:
-    """MockTransport: the wire of RFC 7523 section 2.2, verified with the public key."""
+    """A handler: the wire of RFC 7523 section 2.2, verified with the public key."""
     from joserfc import jwt as jose_jwt
     from joserfc.jwk import import_key
 
@@ -451,7 +452,7 @@ async def test_a_key_is_never_used_as_a_secret_nor_a_secret_as_a_key(auth: AuthS
 
 
 async def test_link_local_token_endpoint_is_refused_without_any_request() -> None:
-    """MockTransport: proves that nothing at all was sent."""
+    """A handler: proves that nothing at all was sent."""
     requests: list[httpx2.Request] = []
 
     def handler(request: httpx2.Request) -> httpx2.Response:
@@ -471,7 +472,7 @@ async def test_link_local_token_endpoint_is_refused_without_any_request() -> Non
 
 
 async def test_a_redirect_is_refused_and_not_followed() -> None:
-    """MockTransport: the real server does not redirect."""
+    """A handler: the real server does not redirect."""
     requests: list[httpx2.Request] = []
 
     def handler(request: httpx2.Request) -> httpx2.Response:
@@ -487,7 +488,7 @@ async def test_a_redirect_is_refused_and_not_followed() -> None:
 
 
 async def test_an_echoed_secret_and_control_characters_never_reach_the_error() -> None:
-    """MockTransport: a hostile or sloppy server, which the real one is not."""
+    """A handler: a hostile or sloppy server, which the real one is not."""
     description = f"bad secret {SECRET} \x1b[31mred\x1b[0m\r\nX-Injected: 1 " + "x" * 1000
     body = {"error": "invalid_request\n", "error_description": description}
 
@@ -602,7 +603,7 @@ async def test_a_response_larger_than_the_cap_raises_invalid_token_response(
 
 
 async def test_a_body_without_length_is_cut_off_at_the_cap_not_read_to_the_end() -> None:
-    """MockTransport: a body that never ends, which the real server cannot send."""
+    """A handler: a body that never ends, which the real server cannot send."""
     chunks_sent = 0
 
     class Endless(httpx2.AsyncByteStream):
@@ -617,6 +618,47 @@ async def test_a_body_without_length_is_cut_off_at_the_cap_not_read_to_the_end()
 
     assert "larger than 8192 bytes" in str(caught.value)
     assert chunks_sent == 9
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"SMTP ready " + SECRET.encode() + b"\r\n\r\n",  # not HTTP at all
+        b"HTTP/1.1 200 OK\r\nX-Echo: " + SECRET.encode() + b"\x00\r\n\r\n",  # a bad header
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n12345",
+        b"HTTP/1.1 200 OK\r\n" + (b"X-Pad: " + b"a" * 1000 + b"\r\n") * 40,  # 40 kB of headers
+        b"HTTP/1.1 200 OK\r\nContent-Length: 90\r\n\r\n{" + SECRET.encode(),  # cut short
+    ],
+    ids=["not-http", "bad-header", "two-lengths", "endless-headers", "cut-short"],
+)
+async def test_a_server_answering_what_is_not_http_is_unreachable_and_nothing_it_sent_shows(
+    answer: bytes,
+) -> None:
+    """A real socket answering bytes no HTTP server should: the answer is
+    named by its kind only, and the connection is not used again."""
+    requests = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal requests
+        requests += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    fetcher = TokenFetcher()
+    try:
+        for _ in range(2):
+            with pytest.raises(AuthorizationServerUnavailable) as caught:
+                await fetcher.fetch(spec_for(f"http://127.0.0.1:{port}/token"), credential())
+            assert str(caught.value) == "could not reach the token endpoint: remote protocol error"
+            assert_safe(caught.value, "X-Echo", "SMTP", "a" * 100)
+        assert requests == 2 and fetcher._poster.open_connections == 0
+    finally:
+        await fetcher.aclose()
+        server.close()
 
 
 async def test_connection_refused_raises_unavailable(fetcher: TokenFetcher) -> None:
@@ -653,7 +695,7 @@ async def test_a_server_slower_than_the_timeout_raises_unavailable_in_time(
 
 
 async def test_cookies_set_by_the_token_endpoint_are_never_sent_back() -> None:
-    """MockTransport: the real server sets no cookies."""
+    """A handler: the real server sets no cookies."""
     cookies: list[str | None] = []
 
     def handler(request: httpx2.Request) -> httpx2.Response:

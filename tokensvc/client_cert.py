@@ -10,6 +10,7 @@ kind TLS can use.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +38,11 @@ class ClientCertificate:
     key_pem: str = field(repr=False)
     subject: str
     not_after: datetime
+
+    def digest(self) -> bytes:
+        """Tells certificates apart, without holding the key: connections made
+        presenting one must not serve another's request."""
+        return hashlib.sha256(f"{self.chain_pem}\0{self.key_pem}".encode()).digest()
 
 
 def bundle(certificate_pem: str, private_key_pem: str) -> str:

@@ -39,7 +39,7 @@ from authlib.oauth2.rfc6749.parameters import prepare_token_request
 from tokensvc import client_cert
 from tokensvc.assertions import AssertionDir, AssertionUnusable
 from tokensvc.client_cert import ClientCertificate
-from tokensvc.egress import Egress, HTTPError, Response, ResponseRefused, failure_words
+from tokensvc.egress import NETWORK_ERRORS, Answer, Egress, ResponseRefused, failure_words
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -204,7 +204,7 @@ class TokenFetcher:
         auth: ClientAuth,
         grant: dict[str, str],
         certificate: ClientCertificate | None,
-    ) -> Response | FetchError:
+    ) -> Answer | FetchError:
         """The POST, with every failure returned (not raised) as one of our errors."""
         try:
             body = prepare_token_request(
@@ -232,7 +232,7 @@ class TokenFetcher:
             return _unreachable(f"no answer within {self._timeout:g} s")
         except ResponseRefused as exc:
             return InvalidTokenResponse(exc.reason, OAuthErrorFields(status_code=exc.status))
-        except HTTPError as exc:
+        except NETWORK_ERRORS as exc:
             return _unreachable(failure_words(exc))
         except Exception as exc:  # authlib and h11 have more; none may escape raw.
             return _unreachable(f"unexpected {type(exc).__name__}")
@@ -291,15 +291,15 @@ def _encode_client_secret_basic(
 
 
 def _read_response(
-    response: Response,
+    response: Answer,
     spec: ServerSpec,
     masks: tuple[str, ...],
     received: datetime,
     default_lifetime: timedelta,
 ) -> Token:
     """Turns what real authorization servers send into a Token or one of our errors."""
-    status = response.status_code
-    body = _json_object(response.content)
+    status = response.status
+    body = _json_object(response.body)
     error = (body or {}).get("error")
     fields = OAuthErrorFields(
         error=_clean(error, MAX_ERROR, masks),
@@ -311,7 +311,7 @@ def _read_response(
     said = f"HTTP {status}" + (f", {fields.error}" if fields.error else "")
     said += f": {fields.error_description}" if fields.error_description else ""
     if status == 429 or status >= 500 or fields.error in TRANSIENT_ERRORS:
-        retry_after = _retry_after(response.headers.get("Retry-After"), received)
+        retry_after = _retry_after(response.headers.get("retry-after"), received)
         hint = f"; retry after {retry_after:g} s" if retry_after is not None else ""
         raise AuthorizationServerUnavailable(
             f"token endpoint is unavailable ({said}){hint}", fields, retry_after

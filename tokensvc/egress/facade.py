@@ -1,9 +1,10 @@
 """Egress: what the rest of the service sends its requests through.
 
-It builds the transports and clients of every outbound request (timeouts, the
-response size cap, the user agent, no redirects, environment proxies or
-cookies, the operator's ``outbound_ca_file``), and does discovery's GET hop by
-hop. Failures are told in words that hold no foreign text.
+It builds the token request sender (http11.py) and the transports and clients
+of every other outbound request (timeouts, the response size cap, the user
+agent, no redirects, environment proxies or cookies, the operator's
+``outbound_ca_file``), and does discovery's GET hop by hop. Failures are told
+in words that hold no foreign text.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
@@ -19,11 +19,11 @@ from typing import Any
 import httpcore2
 import httpx2
 
-from tokensvc.client_cert import ClientCertificate
 from tokensvc.egress.backend import PinnedBackend
+from tokensvc.egress.http11 import MAX_CONNECTIONS, Answer, Poster
 from tokensvc.egress.limits import ResponseRefused, SizeLimited
 from tokensvc.egress.policy import UrlPolicy
-from tokensvc.egress.pools import CLIENT_CERTIFICATE, Pinned
+from tokensvc.egress.pools import Pinned
 from tokensvc.egress.stream import AsyncioBackend
 from tokensvc.errors import InvalidArgument
 from tokensvc.outbound_tls import OutboundTrust
@@ -31,30 +31,25 @@ from tokensvc.outbound_tls import OutboundTrust
 # What callers of egress need of httpx2, so that they need not import it.
 Request = httpx2.Request
 Response = httpx2.Response
-HTTPError = httpx2.HTTPError
+# What a request can fail with on its way: httpx2's errors (the clients) and
+# httpcore2's (the token request sender, on the network backend's streams).
+NETWORK_ERRORS = (
+    httpx2.HTTPError,
+    httpcore2.TimeoutException,
+    httpcore2.NetworkError,
+    httpcore2.ProtocolError,
+)
 
 MAX_REDIRECTS = 3
-# Connections of one pool, open at once and kept idle: httpcore's default of
-# 10 would queue the scheduler's concurrent token requests behind each other.
-POOL_CONNECTIONS = 100
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A GET's answer, read in full (within the size cap)."""
-
-    status: int
-    headers: dict[str, str]
-    body: bytes
 
 
 class Egress:
     """Builds the transport and clients every outbound request goes through.
 
     ``network`` is the backend that really connects (tests wrap it to record
-    every address connected to); ``transport`` replaces the whole pinned
-    transport (tests of response parsing only); ``ca_file`` adds CAs to the
-    system's (``outbound_ca_file``). ValueError: ``ca_file`` is not usable.
+    every address connected to, or replace it to answer with what no real
+    server sends); ``ca_file`` adds CAs to the system's (``outbound_ca_file``).
+    ValueError: ``ca_file`` is not usable.
     """
 
     def __init__(
@@ -65,7 +60,6 @@ class Egress:
         max_response_bytes: int = 65536,
         user_agent: str = "tokensvc",
         network: httpcore2.AsyncNetworkBackend | None = None,
-        transport: httpx2.AsyncBaseTransport | None = None,
         ca_file: Path | None = None,
     ) -> None:
         self.policy = policy or UrlPolicy()
@@ -74,14 +68,10 @@ class Egress:
         self.max_response_bytes = max_response_bytes
         self.user_agent = user_agent
         self._network = network or AsyncioBackend()
-        self._transport = transport
         self._client: httpx2.AsyncClient | None = None
 
     def transport(self) -> httpx2.AsyncBaseTransport:
-        """A new pinned, size-capped transport (its caller closes it). A
-        request whose extensions carry CLIENT_CERTIFICATE presents it."""
-        if self._transport is not None:
-            return SizeLimited(self._transport, self.max_response_bytes)
+        """A new pinned, size-capped transport (its caller closes it)."""
         return SizeLimited(Pinned(self), self.max_response_bytes)
 
     def pool(self, scheme: str, context: ssl.SSLContext) -> httpx2.AsyncHTTPTransport:
@@ -92,8 +82,9 @@ class Egress:
         pool._pool = httpcore2.AsyncConnectionPool(
             ssl_context=context,
             network_backend=PinnedBackend(self.policy, scheme, self._network),
-            max_connections=POOL_CONNECTIONS,
-            max_keepalive_connections=POOL_CONNECTIONS,
+            # httpcore's default of 10 would queue concurrent requests behind each other.
+            max_connections=MAX_CONNECTIONS,
+            max_keepalive_connections=MAX_CONNECTIONS,
         )
         return pool
 
@@ -112,8 +103,15 @@ class Egress:
         )
 
     def poster(self) -> Poster:
-        """A POST sender over a new egress transport (its caller closes it)."""
-        return Poster(self.transport(), self._headers(), httpx2.Timeout(self.timeout).as_dict())
+        """A sender of token requests, on connections of its own (its caller closes it)."""
+        return Poster(
+            self.policy,
+            self.trust,
+            self._network,
+            self._headers(),
+            timeout=self.timeout,
+            max_response_bytes=self.max_response_bytes,
+        )
 
     def _headers(self) -> dict[str, str]:
         # identity: a compressed body would escape the size cap once decoded.
@@ -154,48 +152,6 @@ class Egress:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
-
-
-class Poster:
-    """POSTs straight to an egress transport, each read in full: token requests.
-
-    No client around it: its auth flow, cookies, redirects and URL merging cost
-    a third of a token request's CPU, and a token request needs none of them.
-    What egress's clients send is sent all the same: the timeouts, the user
-    agent, ``Accept-Encoding: identity``; no redirect is followed."""
-
-    def __init__(
-        self, transport: httpx2.AsyncBaseTransport, headers: dict[str, str], timeouts: Any
-    ) -> None:
-        self._transport, self._headers, self._timeouts = transport, headers, timeouts
-
-    async def post(
-        self,
-        url: str,
-        headers: dict[str, str],
-        body: str,
-        certificate: ClientCertificate | None = None,
-    ) -> Response:
-        """``certificate``: presented in the TLS handshake (RFC 8705)."""
-        extensions: dict[str, Any] = {"timeout": self._timeouts}
-        if certificate is not None:
-            extensions[CLIENT_CERTIFICATE] = certificate
-        request = httpx2.Request(
-            "POST",
-            url,
-            headers={**self._headers, **headers},
-            content=body.encode(),
-            extensions=extensions,
-        )
-        response = await self._transport.handle_async_request(request)
-        try:
-            await response.aread()
-        finally:
-            await response.aclose()
-        return response
-
-    async def aclose(self) -> None:
-        await self._transport.aclose()
 
 
 def failure_words(exc: BaseException) -> str:

@@ -4,7 +4,7 @@ content encoding (a compressed body would escape the cap once decoded)."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx2
 
@@ -18,6 +18,18 @@ class ResponseRefused(Exception):
         self.status = status
 
 
+def refusal(headers: Mapping[str, str], limit: int) -> str:
+    """Why a response with these headers (looked up in lower case) is refused
+    before its body is read; empty if it is not."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return f"response is {encoding[:20]}-encoded although identity was asked for"
+    length = headers.get("content-length", "")
+    if re.fullmatch(r"[0-9]{1,20}", length) and int(length) > limit:
+        return f"response larger than {limit} bytes"
+    return ""
+
+
 class SizeLimited(httpx2.AsyncBaseTransport):
     """Stops reading a response body once it passes ``limit`` bytes."""
 
@@ -28,13 +40,7 @@ class SizeLimited(httpx2.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         response = await self._inner.handle_async_request(request)
         status = response.status_code
-        length = response.headers.get("Content-Length", "")
-        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        problem = ""
-        if encoding not in ("", "identity"):
-            problem = f"response is {encoding[:20]}-encoded although identity was asked for"
-        elif re.fullmatch(r"[0-9]{1,20}", length) and int(length) > self._limit:
-            problem = f"response larger than {self._limit} bytes"
+        problem = refusal(response.headers, self._limit)
         if problem or not isinstance(response.stream, httpx2.AsyncByteStream):
             await response.aclose()
             raise ResponseRefused(problem or "response is not an async stream", status)

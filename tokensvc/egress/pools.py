@@ -1,32 +1,21 @@
-"""The egress transport: connection pools per scheme and client certificate.
-
-Each pool sits behind the pinned backend (backend.py). A request whose
-extensions carry CLIENT_CERTIFICATE presents it (RFC 8705) from a pool of its
-own; at most MAX_POOLS pools are kept, the least recently used retired, and
-pools built with older trust (the CA file changed) too.
+"""The egress transport of every request but token requests (http11.py has
+those): a connection pool per scheme, each behind the pinned backend
+(backend.py); pools built with older trust (the CA file changed) are retired.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx2
 
-from tokensvc.client_cert import ClientCertificate
 from tokensvc.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from tokensvc.egress.facade import Egress
-
-# Connection pools per transport: one per scheme and client certificate in use.
-MAX_POOLS = 64
-# The request extension that carries the ClientCertificate to present (RFC 8705).
-CLIENT_CERTIFICATE = "tokensvc.client_certificate"
 
 
 @dataclass(eq=False)
@@ -38,27 +27,21 @@ class _Pool:
 
 class Pinned(httpx2.AsyncBaseTransport):
     """Connection pools behind pinned backends, one per scheme (http and https
-    differ in policy: plain http goes to loopback only) and, for https, per
-    client certificate presented (RFC 8705): a TLS context holds one
-    certificate, and a connection made with one must not serve another's
-    request. Pools made with older trust (the CA file changed) or evicted
-    from the bounded cache are retired: closed once no response still reads
-    from them."""
+    differ in policy: plain http goes to loopback only). Pools made with
+    older trust (the CA file changed) are retired: closed once no response
+    still reads from them."""
 
     def __init__(self, egress: Egress) -> None:
         self._egress = egress
-        self._pools: OrderedDict[tuple[str, bytes], _Pool] = OrderedDict()
+        self._pools: dict[str, _Pool] = {}
         self._retired: list[_Pool] = []
         self._generation = -1
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         scheme = request.url.scheme
-        certificate = request.extensions.get(CLIENT_CERTIFICATE)
         if scheme not in ("http", "https"):
             raise InvalidArgument("url", "must be an http(s) URL")
-        if certificate is not None and scheme != "https":
-            raise InvalidArgument("url", "must be https to present a client certificate")
-        pool = await self._lease(scheme, certificate)
+        pool = await self._lease(scheme)
         try:
             response = await pool.transport.handle_async_request(request)
         except BaseException:
@@ -72,9 +55,9 @@ class Pinned(httpx2.AsyncBaseTransport):
             extensions=response.extensions,
         )
 
-    async def _lease(self, scheme: str, certificate: ClientCertificate | None) -> _Pool:
+    async def _lease(self, scheme: str) -> _Pool:
         # No await until the pool is counted in flight: concurrent requests
-        # must not evict (and close) a pool between its choice and its use.
+        # must not retire (and close) a pool between its choice and its use.
         trust = self._egress.trust
         trust.context()  # looks at the CA file
         closable: list[_Pool] = []
@@ -82,24 +65,15 @@ class Pinned(httpx2.AsyncBaseTransport):
             self._generation = trust.generation
             while self._pools:
                 closable += self._retire(next(iter(self._pools)))
-        key = (scheme, _digest(certificate))
-        pool = self._pools.get(key)
+        pool = self._pools.get(scheme)
         if pool is None:
-            context = (
-                trust.client_context(certificate.chain_pem, certificate.key_pem)
-                if certificate is not None
-                else trust.context()
-            )
-            pool = self._pools[key] = _Pool(self._egress.pool(scheme, context))
-        self._pools.move_to_end(key)
+            pool = self._pools[scheme] = _Pool(self._egress.pool(scheme, trust.context()))
         pool.in_flight += 1
-        while len(self._pools) > MAX_POOLS:  # the least recently used go
-            closable += self._retire(next(iter(self._pools)))
         for idle in closable:
             await idle.transport.aclose()
         return pool
 
-    def _retire(self, key: tuple[str, bytes]) -> list[_Pool]:
+    def _retire(self, key: str) -> list[_Pool]:
         """Takes a pool out of use; returns it if nothing reads from it (to close now)."""
         pool = self._pools.pop(key)
         pool.retired = True
@@ -120,12 +94,6 @@ class Pinned(httpx2.AsyncBaseTransport):
         self._retired.clear()
         for pool in pools:
             await pool.transport.aclose()
-
-
-def _digest(certificate: ClientCertificate | None) -> bytes:
-    if certificate is None:
-        return b""
-    return hashlib.sha256(f"{certificate.chain_pem}\0{certificate.key_pem}".encode()).digest()
 
 
 class _Releasing(httpx2.AsyncByteStream):
