@@ -24,7 +24,6 @@ import platform
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import suppress
 from typing import Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
@@ -37,6 +36,7 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -189,18 +189,40 @@ _held: dict[str, tuple[float, float]] = {}
 _by_expiry: list[tuple[float, float, str]] = []
 
 
+# Each labelled series once looked up: ``labels()`` checks and locks on every
+# call, and a registration and its first token made eight of them.
+_children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+
+
 def configure(per_server: bool) -> None:
     global _per_server
     if per_server != _per_server:
         _held.clear()
         _by_expiry.clear()
         for gauge in (TOKEN_ISSUED, TOKEN_EXPIRY):
-            gauge.clear()
+            _clear(gauge)
     _per_server = per_server
 
 
 def _server(server_id: str) -> str:
     return server_id if _per_server else ""
+
+
+def _child(metric: MetricWrapperBase, *values: str) -> Any:
+    if (child := _children.get((metric, values))) is None:
+        child = _children[metric, values] = metric.labels(*values)
+    return child
+
+
+def _remove(metric: MetricWrapperBase, *values: str) -> None:
+    if _children.pop((metric, values), None) is not None:
+        metric.remove(*values)
+
+
+def _clear(metric: MetricWrapperBase) -> None:
+    for key in [key for key in _children if key[0] is metric]:
+        del _children[key]
+    metric.clear()
 
 
 # tokens -------------------------------------------------------------------
@@ -225,8 +247,8 @@ def timed_fetch(fetch: F) -> F:
             result = "internal_error"
             raise
         finally:
-            TOKEN_REQUEST_DURATION.labels(server).observe(time.perf_counter() - started)
-            TOKEN_REQUESTS.labels(server, result).inc()
+            _child(TOKEN_REQUEST_DURATION, server).observe(time.perf_counter() - started)
+            _child(TOKEN_REQUESTS, server, result).inc()
 
     return timed  # type: ignore[return-value]
 
@@ -235,8 +257,8 @@ def token_held(server_id: str, token: Token) -> None:
     """The token now served for the server."""
     issued, expires = token.issued_at.timestamp(), token.expires_at.timestamp()
     if _per_server:
-        TOKEN_ISSUED.labels(server_id).set(issued)
-        TOKEN_EXPIRY.labels(server_id).set(expires)
+        _child(TOKEN_ISSUED, server_id).set(issued)
+        _child(TOKEN_EXPIRY, server_id).set(expires)
         return
     _held[server_id] = (issued, expires)
     heapq.heappush(_by_expiry, (expires, issued, server_id))
@@ -244,7 +266,7 @@ def token_held(server_id: str, token: Token) -> None:
 
 
 def token_rotated(server_id: str) -> None:
-    ROTATIONS.labels(_server(server_id)).inc()
+    _child(ROTATIONS, _server(server_id)).inc()
 
 
 def server_forgotten(server_id: str) -> None:
@@ -254,20 +276,19 @@ def server_forgotten(server_id: str) -> None:
             _show_soonest()
         return
     for gauge in (TOKEN_ISSUED, TOKEN_EXPIRY):
-        with suppress(KeyError):
-            gauge.remove(server_id)
+        _remove(gauge, server_id)
 
 
 def _show_soonest() -> None:
     while _by_expiry and _held.get(_by_expiry[0][2]) != _by_expiry[0][1::-1]:
         heapq.heappop(_by_expiry)
     if not _by_expiry:
-        TOKEN_ISSUED.clear()
-        TOKEN_EXPIRY.clear()
+        _clear(TOKEN_ISSUED)
+        _clear(TOKEN_EXPIRY)
         return
     expires, issued, _ = _by_expiry[0]
-    TOKEN_ISSUED.labels("").set(issued)
-    TOKEN_EXPIRY.labels("").set(expires)
+    _child(TOKEN_ISSUED, "").set(issued)
+    _child(TOKEN_EXPIRY, "").set(expires)
 
 
 def refresh_lag(seconds: float) -> None:
@@ -276,7 +297,7 @@ def refresh_lag(seconds: float) -> None:
 
 def rejected_token_report(server_id: str, outcome: str) -> None:
     """outcome: refreshed, stale or rate_limited."""
-    REJECTED_REPORTS.labels(_server(server_id), outcome).inc()
+    _child(REJECTED_REPORTS, _server(server_id), outcome).inc()
 
 
 def waiter_joined() -> None:

@@ -129,7 +129,7 @@ class UrlPolicy:
             raise InvalidArgument(field_name, "is required: an https:// URL")
         if len(url) > MAX_URL:
             raise InvalidArgument(field_name, f"is longer than {MAX_URL} characters")
-        if bad := next((c for c in url if _bad_character(c)), None):
+        if not _plain_ascii(url) and (bad := next((c for c in url if _bad_character(c)), None)):
             raise InvalidArgument(
                 field_name,
                 f"contains {_character(bad)}, which a URL may not hold: "
@@ -210,6 +210,12 @@ class UrlPolicy:
             "must use https (plain http is accepted only for loopback addresses, "
             "or with the allow-insecure-http setting)"
         )
+
+
+def _plain_ascii(url: str) -> bool:
+    """No character that ``_bad_character`` refuses, told without a look at
+    each: in ASCII those are the controls, the space and the backslash."""
+    return url.isascii() and url.isprintable() and " " not in url and "\\" not in url
 
 
 def _bad_character(c: str) -> bool:
