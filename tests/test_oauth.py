@@ -25,7 +25,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from tokensvc.demo.authserver import AuthServer, Behaviour
-from tokensvc.egress import Egress
+from tokensvc.egress import Egress, http11
 from tokensvc.errors import (
     AuthorizationServerUnavailable,
     CredentialsRejected,
@@ -43,7 +43,7 @@ from tokensvc.registration import (
 )
 from tokensvc.token import Secret, Token
 
-from support import CLIENT_ID, SECRET, FakeClock, HandlerNetwork
+from support import CLIENT_ID, SECRET, FakeClock, HandlerNetwork, RecordingNetwork
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 MOCK_ENDPOINT = "http://127.0.0.1:9/token"
@@ -659,6 +659,30 @@ async def test_a_server_answering_what_is_not_http_is_unreachable_and_nothing_it
     finally:
         await fetcher.aclose()
         server.close()
+
+
+async def test_token_requests_share_kept_connections_at_most_so_many_at_once(
+    auth: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One connection serves request after request; 40 at once open no more
+    than the cap; one idle past the keep-alive expiry is not used again."""
+    monkeypatch.setattr(http11, "MAX_CONNECTIONS", 4)
+    network = RecordingNetwork()
+    fetcher = TokenFetcher(Egress(network=network))
+    endpoint = spec_for(auth.token_endpoint)
+    try:
+        for _ in range(3):
+            await fetcher.fetch(endpoint, credential())
+        assert len(network.connects) == 1
+        tokens = await asyncio.gather(*(fetcher.fetch(endpoint, credential()) for _ in range(40)))
+        assert len({token.access_token for token in tokens}) == 40
+        assert len(network.connects) == 4 and fetcher._poster.open_connections == 4
+        monkeypatch.setattr(http11, "KEEPALIVE_EXPIRY", -1.0)  # every idle one has expired
+        await fetcher.fetch(endpoint, credential())
+        assert len(network.connects) == 5 and fetcher._poster.open_connections == 1
+    finally:
+        await fetcher.aclose()
+    assert fetcher._poster.open_connections == 0
 
 
 async def test_connection_refused_raises_unavailable(fetcher: TokenFetcher) -> None:
